@@ -1,0 +1,39 @@
+# kvgate: `make demo` runs the main job, `make test` runs every test. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Real vLLM (CPU build) for the tests marked `vllm`: installed once outside the checkout, reused after.
+KVGATE_VLLM_VENV ?= /opt/vllm-venv
+export KVGATE_VLLM_VENV
+
+.PHONY: demo test test-fast test-vllm lint vllm clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+## main job: simulated vLLM fleet, gateway in front of it with each routing policy, same workload
+demo: $(BIN)/.installed
+	$(BIN)/kvgate bench --quick --out bench-out/quick
+
+## every test: lint, the fast suite, and the suite against a real vLLM
+test: lint vllm $(BIN)/.installed
+	$(BIN)/pytest -q -p no:cacheprovider
+
+## fast tests only (no real vLLM)
+test-fast: $(BIN)/.installed
+	$(BIN)/pytest -q -p no:cacheprovider -m "not vllm"
+
+test-vllm: vllm $(BIN)/.installed
+	$(BIN)/pytest -q -p no:cacheprovider -m vllm
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+vllm:
+	@bash scripts/install-vllm.sh "$(KVGATE_VLLM_VENV)"
+
+clean:
+	rm -rf $(VENV) bench-out

@@ -1,0 +1,1 @@
+"""kvgate bench: the vLLM-compatible simulator, workloads, load generator and reports."""

@@ -1,0 +1,1 @@
+"""kvgate gateway: the HTTP server, proxying, admission and the command line."""

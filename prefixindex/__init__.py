@@ -1,0 +1,1 @@
+"""kvgate prefix index: tokenizing, block hashing, the index, the KV-event subscriber."""

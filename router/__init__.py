@@ -1,0 +1,1 @@
+"""kvgate router: endpoints, discovery, load signals, scorers, policies, P/D."""
