@@ -7,7 +7,8 @@ keep the state they read current. The gateway calls, per request and in this ord
 
     pick(request, candidates)      -> Decision   (candidates: healthy, serving the model, not yet tried)
     on_routed(request, decision)   once the request is about to be sent upstream
-    on_finished(request, decision, ok) once the upstream exchange ended (ok: the pod answered 2xx)
+    on_finished(request, decision, ok) once the upstream exchange ended (ok: the pod answered 2xx and
+                                   the whole answer reached the client)
 
 and, per pool, `start(endpoints)` at startup, `endpoints_changed(added, removed)` when discovery or
 config changes the pool, `close()` at shutdown.
@@ -82,7 +83,8 @@ class Policy(ABC):
         """The request is about to be sent to `decision.endpoint`."""
 
     def on_finished(self, request: RouteRequest, decision: Decision, ok: bool) -> None:
-        """The upstream exchange for this decision ended; `ok` when the pod answered with a 2xx."""
+        """The upstream exchange for this decision ended; `ok` when the pod answered with a 2xx and the
+        answer was relayed to its end (False on failure, a broken stream, or a client that left)."""
 
     async def start(self, endpoints: Sequence[Endpoint]) -> None:
         """Start background work (e.g. KV-event subscribers) for the pool's endpoints."""

@@ -1,0 +1,189 @@
+"""The gateway application: state, middlewares, routes, and one cleanup_ctx entry per long-lived
+resource (upstream client session + proxy, routing policies, health checker, metrics scraper),
+set up in this order and torn down in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway.auth import OPEN_PATHS, auth_middleware, load_api_keys
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.handlers import CALL_KEY, REQUEST_ID_KEY, add_routes
+from gateway.health import HealthChecker, HealthTracker
+from gateway.metrics import GatewayMetrics
+from gateway.pools import build_pools
+from gateway.proxy import X_REQUEST_ID, Proxy, ProxyCall
+from gateway.scraper import MetricsScraper
+from gateway.state import PROXY, SESSION, STATE, GatewayState
+
+log = logging.getLogger("kvgate.app")
+
+# Below uvicorn's default keep-alive (5 s), so the gateway never reuses a connection the pod is closing.
+UPSTREAM_KEEPALIVE_S = 4.0
+
+
+def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
+    """A ready-to-run gateway app. Raises (PolicyError, OSError for a missing key file) on bad config."""
+    registry = registry if registry is not None else CollectorRegistry()
+    pools = build_pools(config, registry)
+    metrics = GatewayMetrics(registry, pools.endpoints)
+    api_keys = load_api_keys(config.auth)
+    state = GatewayState(
+        config=config,
+        pools=pools,
+        metrics=metrics,
+        health=HealthTracker(metrics, config.health.eject_after),
+        api_keys=api_keys,
+        started=int(time.time()),
+    )
+    middlewares = [openai_errors_and_accounting]
+    if api_keys:
+        middlewares.append(auth_middleware(api_keys))
+    app = web.Application(middlewares=middlewares, client_max_size=config.limits.max_body_bytes)
+    app[STATE] = state
+    add_routes(app)
+    app.cleanup_ctx.extend([upstream_ctx, policies_ctx, health_ctx, scraper_ctx])
+    return app
+
+
+@web.middleware
+async def openai_errors_and_accounting(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Give every request an id (the client's X-Request-Id, else a new one) echoed on its response, turn
+    every error into an OpenAI error body, and count every API request once."""
+    request[REQUEST_ID_KEY] = request.headers.get(X_REQUEST_ID) or uuid.uuid4().hex
+    try:
+        response = await handler(request)
+    except GatewayError as exc:
+        response = exc.response()
+    except web.HTTPException as exc:  # aiohttp's own 404/405 for unknown routes or methods
+        response = GatewayError(exc.status, exc.reason, type="invalid_request_error").response()
+    except asyncio.CancelledError:  # the client disconnected (handler cancellation)
+        _account(request, 499)
+        raise
+    except Exception as exc:
+        call = request.get(CALL_KEY)
+        if isinstance(call, ProxyCall) and call.status:
+            raise  # the response already started: nothing sensible can be sent now
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        message = f"Internal gateway error: {type(exc).__name__}"
+        response = GatewayError(500, message, type="server_error").response()
+    if not response.prepared and X_REQUEST_ID not in response.headers:
+        response.headers[X_REQUEST_ID] = request[REQUEST_ID_KEY]
+    _account(request, response.status)
+    return response
+
+
+def _account(request: web.Request, status: int) -> None:
+    metrics = request.app[STATE].metrics
+    call = request.get(CALL_KEY)
+    if not isinstance(call, ProxyCall):
+        if request.path not in OPEN_PATHS:  # rejected before a pool was chosen: no model label value
+            metrics.requests("", "", str(status)).inc()
+        return
+    model = call.pool.model
+    served = call.served_by.url if call.served_by is not None else ""
+    final = call.status if call.status == 499 else status
+    metrics.requests(model, served, str(final)).inc()
+    metrics.latency(model).observe(time.perf_counter() - call.arrival)
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One pooled ClientSession for all upstream traffic, and the proxy that uses it."""
+    state = app[STATE]
+    timeouts = state.config.timeouts
+    connector = aiohttp.TCPConnector(
+        limit=0,  # the pods' own max_num_seqs is the limit; the gateway queues nothing
+        keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+        ttl_dns_cache=60,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=timeouts.read),
+        auto_decompress=False,  # bytes pass through untouched, Content-Encoding and all
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    app[SESSION] = session
+    app[PROXY] = Proxy(session, state.config, state.metrics, state.health)
+    yield
+    await session.close()
+
+
+async def policies_ctx(app: web.Application) -> AsyncIterator[None]:
+    pools = list(app[STATE].pools)
+    started = []
+    try:
+        for pool in pools:
+            await pool.policy.start(pool.endpoints)
+            started.append(pool)
+        yield
+    finally:
+        for pool in reversed(started):
+            await pool.policy.close()
+
+
+async def health_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Active health checks; one round before serving so dead pods are out from the first request."""
+    state = app[STATE]
+    cfg = state.config.health
+    checker = HealthChecker(
+        app[SESSION],
+        state.pools.endpoints,
+        state.health,
+        interval=cfg.interval,
+        timeout=cfg.timeout,
+        path=cfg.path,
+    )
+    await checker.check_all()
+    async with _background(checker.run(), "health checker"):
+        yield
+
+
+async def scraper_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load scraping (skipped when scrape.interval is 0); one round before serving."""
+    state = app[STATE]
+    cfg = state.config.scrape
+    if cfg.interval <= 0:
+        yield
+        return
+    scraper = MetricsScraper(
+        app[SESSION],
+        state.pools.endpoints,
+        state.metrics,
+        interval=cfg.interval,
+        timeout=cfg.timeout,
+        path=cfg.path,
+    )
+    await scraper.scrape_all()
+    async with _background(scraper.run(), "metrics scraper"):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    task = asyncio.create_task(coro, name=name)
+    task.add_done_callback(_log_crash)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s crashed", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,212 @@
+"""The gateway's configuration: one object built from YAML (`--config`) or from the quick-start flags.
+
+`load_config(path)` and `config_from_mapping(data)` decode over defaults and reject unknown keys and
+wrong types with a ValueError naming the offending key, so a typo fails at startup, not at runtime.
+See config/kvgate.example.yaml for every key with its meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+Role = Literal["both", "prefill", "decode"]
+
+
+@dataclass(slots=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(slots=True)
+class Auth:
+    """API keys clients must present as `Authorization: Bearer KEY`; none configured: no auth."""
+
+    api_keys_file: str | None = None  # one key per line; blank lines and '#' comments ignored
+    api_keys_env: str | None = None  # name of an environment variable holding comma-separated keys
+
+
+@dataclass(slots=True)
+class Limits:
+    max_body_bytes: int = 8 << 20
+
+
+@dataclass(slots=True)
+class Timeouts:
+    connect: float = 2.0  # TCP connect to a pod
+    read: float = 600.0  # longest silence from a pod, before or during its answer
+    shutdown: float = 30.0  # graceful shutdown: how long in-flight streams may run on
+
+
+@dataclass(slots=True)
+class Retries:
+    max_retries: int = 2  # extra attempts, each on a pod not tried yet
+    on_status: list[int] = field(default_factory=lambda: [502, 503])
+
+
+@dataclass(slots=True)
+class Health:
+    interval: float = 1.0  # active GET /health period
+    timeout: float = 0.5
+    eject_after: int = 3  # consecutive failed proxy attempts that eject a pod (passive check)
+    path: str = "/health"
+
+
+@dataclass(slots=True)
+class Scrape:
+    interval: float = 0.25  # GET /metrics period; 0 disables scraping
+    timeout: float = 1.0
+    path: str = "/metrics"
+
+
+@dataclass(slots=True)
+class EndpointSpec:
+    url: str
+    role: Role = "both"
+    version: str = ""
+    weight: float = 1.0
+    kv_events: str | None = None
+    kv_events_replay: str | None = None
+
+
+@dataclass(slots=True)
+class PolicySpec:
+    name: str = "least_request"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PoolSpec:
+    """The endpoints serving one model and the policy choosing among them."""
+
+    model: str
+    endpoints: list[EndpointSpec]
+    policy: PolicySpec = field(default_factory=PolicySpec)
+    tokenizer: str | None = None
+    block_size: int | None = None
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    pools: list[PoolSpec]
+    listen: Listen = field(default_factory=Listen)
+    auth: Auth = field(default_factory=Auth)
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retries: Retries = field(default_factory=Retries)
+    health: Health = field(default_factory=Health)
+    scrape: Scrape = field(default_factory=Scrape)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def load_config(path: str) -> GatewayConfig:
+    """Read and validate a YAML config file."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    return config_from_mapping(data)
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
+    """Decode a mapping shaped like the YAML file. `pools` maps model name -> pool settings."""
+    data = dict(data)
+    pools = data.pop("pools", None)
+    if not isinstance(pools, Mapping) or not pools:
+        raise ValueError("pools: expected a mapping of model name -> {policy, endpoints}")
+    specs = []
+    for model, pool in pools.items():
+        if not isinstance(pool, Mapping):
+            raise ValueError(f"pools.{model}: expected a mapping")
+        specs.append(_decode(PoolSpec, {**pool, "model": str(model)}, f"pools.{model}"))
+    return _decode(GatewayConfig, {**data, "pools": specs}, "")
+
+
+def validate(cfg: GatewayConfig) -> None:
+    """Cross-field checks the types alone cannot express."""
+    if cfg.limits.max_body_bytes <= 0:
+        raise ValueError("limits.max_body_bytes must be positive")
+    if cfg.retries.max_retries < 0:
+        raise ValueError("retries.max_retries must be >= 0")
+    if cfg.health.interval <= 0 or cfg.health.timeout <= 0 or cfg.health.eject_after < 1:
+        raise ValueError("health: interval and timeout must be positive, eject_after at least 1")
+    if cfg.health.timeout > cfg.health.interval:
+        # a hung pod must be ejected within two intervals: one check may take at most one interval
+        raise ValueError("health.timeout must not exceed health.interval")
+    if cfg.scrape.interval < 0:
+        raise ValueError("scrape.interval must be >= 0")
+    models = set()
+    for pool in cfg.pools:
+        if pool.model in models:
+            raise ValueError(f"pools: model {pool.model!r} appears twice")
+        models.add(pool.model)
+        if not pool.endpoints:
+            raise ValueError(f"pools.{pool.model}.endpoints: at least one endpoint is needed")
+        for ep in pool.endpoints:
+            if not ep.url.startswith(("http://", "https://")):
+                raise ValueError(f"pools.{pool.model}: endpoint url {ep.url!r} must start with http(s)://")
+            if ep.weight <= 0:
+                raise ValueError(f"pools.{pool.model}: endpoint {ep.url} weight must be positive")
+            ep.url = ep.url.rstrip("/")
+
+
+def _decode(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and (shallowly) value types."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}".lstrip("."))
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        raise ValueError(f"{where or 'config'}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _decode(hint, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a mapping")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any:
+        return value
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+    return value

@@ -1,0 +1,98 @@
+"""HTTP handlers: the OpenAI API (proxied), /v1/models, and the operational endpoints."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import errors
+from gateway.pools import Pool, Pools
+from gateway.proxy import ProxyCall, upstream_headers
+from gateway.request_body import parse_body, read_body
+from gateway.state import PROXY, STATE
+from router.policy import RouteRequest
+
+# Request-scoped values: the id (set by the middleware for every request) and the proxied call.
+REQUEST_ID_KEY = web.RequestKey("kvgate_request_id", str)
+CALL_KEY = web.RequestKey("kvgate_call", ProxyCall)
+
+
+async def proxy_api(request: web.Request) -> web.StreamResponse:
+    """Any /v1/* call (and /tokenize, /detokenize): check the body, pick the model's pool, forward."""
+    arrival = time.perf_counter()
+    state = request.app[STATE]
+    request_id = request[REQUEST_ID_KEY]
+    raw = await read_body(request, state.config.limits.max_body_bytes)
+    body = parse_body(raw, request.path)
+    pool = select_pool(state.pools, body)
+    route = RouteRequest(
+        request_id=request_id, model=pool.model, path=request.path, body=body or {}, headers=request.headers
+    )
+    call = ProxyCall(
+        request=request,
+        route=route,
+        pool=pool,
+        body=body,
+        raw_body=raw,
+        arrival=arrival,
+        upstream_headers=upstream_headers(request, request_id, drop_authorization=bool(state.api_keys)),
+    )
+    request[CALL_KEY] = call
+    return await request.app[PROXY].forward(call)
+
+
+def select_pool(pools: Pools, body: dict | None) -> Pool:
+    """The pool of the body's `model`; with a single pool, a request naming no model goes there."""
+    model = body.get("model") if body else None
+    if model is None:
+        if len(pools.by_model) == 1:
+            return next(iter(pools))
+        raise errors.bad_request("You must provide a model parameter.", param="model")
+    pool = pools.get(model)
+    if pool is None:
+        raise errors.model_not_found(model)
+    return pool
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the union of the pools' models, in the OpenAI list shape."""
+    state = request.app[STATE]
+    data = [
+        {"id": p.model, "object": "model", "created": state.started, "owned_by": "kvgate", "root": p.model}
+        for p in state.pools
+    ]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the gateway process answers."""
+    return web.Response(status=200)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 when at least one endpoint is healthy, else 503."""
+    pools = request.app[STATE].pools
+    healthy = sum(1 for ep in pools.endpoints() if ep.healthy)
+    return web.Response(
+        status=200 if healthy else 503,
+        body=orjson.dumps({"ready": healthy > 0, "healthy_endpoints": healthy}),
+        content_type="application/json",
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[STATE].metrics.registry
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy_api)
+    app.router.add_post("/tokenize", proxy_api)
+    app.router.add_post("/detokenize", proxy_api)

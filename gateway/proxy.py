@@ -1,0 +1,296 @@
+"""The proxy path: route, send, retry before the first byte, relay chunk by chunk.
+
+Read top-down, one concern per step (STYLE.md, httpx):
+
+    Proxy.forward(call)                      route + retry loop; GatewayError when nothing answered
+      -> Proxy.attempt_and_relay(call, d)    one attempt's bookkeeping: policy hooks, in-flight counts
+           -> Proxy.attempt(call, d)         send upstream, wait for headers and the first chunk
+           -> Proxy.relay(call, d, reply)    stream the answer to the client as it arrives
+
+`Proxy.attempt` is an attribute holding `send_upstream`: a prefill/decode flow wraps it (send the
+prefill, then the decode carrying its kv_transfer_params) without touching retries, bookkeeping or
+relaying. An attempt raises `RetryableFailure` only while nothing has reached the client, so a retry
+never duplicates output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway import errors
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.health import HealthTracker
+from gateway.metrics import GatewayMetrics
+from gateway.pools import Pool
+from router.endpoint import Endpoint
+from router.policy import Decision, RouteRequest
+
+log = logging.getLogger("kvgate.proxy")
+
+X_ENDPOINT = "x-kvgate-endpoint"
+X_CACHED_TOKENS = "x-kvgate-cached-tokens"
+X_REQUEST_ID = "X-Request-Id"
+
+# RFC 9110 section 7.6.1 connection-specific headers, plus the de-facto Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+# Set by the client library for the upstream request itself.
+_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "x-request-id"}
+
+
+class RetryableFailure(Exception):
+    """An attempt failed before any byte reached the client; `kind` labels kvgate_upstream_errors."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass(slots=True, eq=False)
+class ProxyCall:
+    """One client request on its way through the gateway."""
+
+    request: web.Request
+    route: RouteRequest
+    pool: Pool
+    body: dict[str, Any] | None  # parsed JSON body (None when the request had none)
+    raw_body: bytes
+    arrival: float  # time.perf_counter() when the request arrived
+    upstream_headers: CIMultiDict[str]
+    body_changed: bool = False  # set by whoever edits `body`; the original bytes are sent otherwise
+    tried: list[Endpoint] = field(default_factory=list)
+    status: int = 0  # status sent to the client; 499 when the client went away
+    served_by: Endpoint | None = None
+
+    def upstream_body(self) -> bytes:
+        if self.body_changed and self.body is not None:
+            return orjson.dumps(self.body)
+        return self.raw_body
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    """A pod's answer whose status, headers and first chunk arrived; nothing sent to the client yet."""
+
+    response: aiohttp.ClientResponse
+    first_chunk: bytes
+
+
+Attempt = Callable[[ProxyCall, Decision], Awaitable[UpstreamReply]]
+
+
+def upstream_headers(request: web.Request, request_id: str, *, drop_authorization: bool) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones (and those its Connection header names)."""
+    drop = _NOT_FORWARDED_UP
+    connection = request.headers.get("Connection")
+    if connection:
+        drop = drop | {t.strip().lower() for t in connection.split(",")}
+    if drop_authorization:
+        drop = drop | {"authorization"}
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in drop
+    )
+    headers[X_REQUEST_ID] = request_id
+    if request.body_exists and "Content-Type" not in headers:
+        headers["Content-Type"] = "application/json"  # the body parsed as JSON, whatever the client said
+    return headers
+
+
+class Proxy:
+    """Forwards calls to their pool's endpoints. Holds no per-request state."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: GatewayConfig,
+        metrics: GatewayMetrics,
+        health: HealthTracker,
+    ) -> None:
+        self.session = session
+        self.max_retries = config.retries.max_retries
+        self.retry_statuses = frozenset(config.retries.on_status)
+        self.metrics = metrics
+        self.health = health
+        self.attempt: Attempt = self.send_upstream
+
+    async def forward(self, call: ProxyCall) -> web.StreamResponse:
+        """Pick, attempt, and on a RetryableFailure try another healthy, untried endpoint.
+
+        503 when no endpoint could be tried at all, 502 when every attempt failed before answering.
+        """
+        pool = call.pool
+        failure: RetryableFailure | None = None
+        for attempt_no in range(self.max_retries + 1):
+            candidates = pool.candidates(call.tried)
+            if not candidates:
+                break
+            decision = pool.policy.pick(call.route, candidates)
+            self.metrics.decisions(pool.policy_name, decision.reason).inc()
+            call.tried.append(decision.endpoint)
+            if attempt_no:
+                self.metrics.retries(pool.model).inc()
+            try:
+                return await self.attempt_and_relay(call, decision)
+            except RetryableFailure as exc:
+                failure = exc
+                log.info("request %s: attempt failed (%s)", call.route.request_id, exc)
+        if failure is None:
+            raise errors.no_healthy_endpoint(pool.model)
+        raise errors.upstream_failed(f"{len(call.tried)} attempt(s), last: {failure}")
+
+    async def attempt_and_relay(self, call: ProxyCall, decision: Decision) -> web.StreamResponse:
+        """One attempt with exact bookkeeping: on_routed and on_finished once each, in-flight counts
+        restored on every exit (success, failure, client disconnect, cancellation)."""
+        ep = decision.endpoint
+        policy = call.pool.policy
+        uncached = max(0, decision.prompt_tokens - decision.cached_tokens)
+        policy.on_routed(call.route, decision)
+        ep.in_flight += 1
+        ep.in_flight_tokens += uncached
+        ok = False
+        try:
+            reply = await self.attempt(call, decision)
+            call.served_by = ep
+            self.health.attempt_succeeded(ep)
+            response, completed = await self.relay(call, decision, reply)
+            ok = completed and 200 <= reply.response.status < 300
+            return response
+        finally:
+            ep.in_flight -= 1
+            ep.in_flight_tokens -= uncached
+            policy.on_finished(call.route, decision, ok)
+
+    async def send_upstream(self, call: ProxyCall, decision: Decision) -> UpstreamReply:
+        """Send the call to the decision's endpoint; return once its first chunk arrived.
+
+        Raises RetryableFailure (connect error, reset, a retryable status, death before the first
+        chunk) or GatewayError 504 (the pod accepted the request but stayed silent too long).
+        """
+        ep = decision.endpoint
+        request = call.request
+        try:
+            resp = await self.session.request(
+                request.method,
+                ep.url + request.raw_path,
+                data=call.upstream_body() or None,
+                headers=call.upstream_headers,
+                allow_redirects=False,
+            )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise self._failed(ep, "connect", exc) from exc
+        except TimeoutError as exc:
+            raise self._timed_out(ep, exc) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise self._failed(ep, "connect", exc) from exc
+        except aiohttp.ClientError as exc:
+            raise self._failed(ep, "reset", exc) from exc
+        try:
+            if resp.status in self.retry_statuses:
+                raise self._failed(ep, f"status_{resp.status}", f"HTTP {resp.status} from {ep.url}")
+            first = await resp.content.readany()
+        except TimeoutError as exc:
+            resp.close()
+            raise self._timed_out(ep, exc) from exc
+        except aiohttp.ClientError as exc:
+            resp.close()
+            raise self._failed(ep, "reset", exc) from exc
+        except BaseException:
+            resp.close()
+            raise
+        return UpstreamReply(resp, first)
+
+    async def relay(
+        self, call: ProxyCall, decision: Decision, reply: UpstreamReply
+    ) -> tuple[web.StreamResponse, bool]:
+        """Stream the reply to the client chunk by chunk; (response, True) when it ended normally.
+
+        A pod failing mid-answer ends an SSE stream with an error event and [DONE] (a plain body is
+        cut off, so the client sees a truncated response, not a valid-looking one). A client gone
+        away ends the relay at once and closes the upstream connection, which makes vLLM abort.
+        """
+        up = reply.response
+        ep = decision.endpoint
+        resp = web.StreamResponse(status=up.status, reason=up.reason)
+        headers = resp.headers
+        for key, value in up.headers.items():
+            if key.lower() not in HOP_BY_HOP:
+                headers.add(key, value)
+        headers[X_ENDPOINT] = ep.url
+        headers[X_REQUEST_ID] = call.route.request_id
+        headers[X_CACHED_TOKENS] = str(decision.cached_tokens)
+        completed = False
+        call.status = up.status
+        try:
+            await resp.prepare(call.request)
+            if reply.first_chunk:
+                await resp.write(reply.first_chunk)
+            if 200 <= up.status < 300:
+                self.metrics.ttft(call.pool.model).observe(time.perf_counter() - call.arrival)
+            completed = await self._pump(call, resp, up, ep)
+            if completed:
+                await resp.write_eof()
+        except ConnectionError:  # the client went away while we wrote (handler cancellation off)
+            call.status = 499
+            completed = False
+        finally:
+            if completed:
+                up.release()  # body fully read: the connection goes back to the pool
+            else:
+                up.close()
+        return resp, completed
+
+    async def _pump(
+        self, call: ProxyCall, resp: web.StreamResponse, up: aiohttp.ClientResponse, ep: Endpoint
+    ) -> bool:
+        content = up.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                await self._end_broken_answer(call, resp, up, ep, exc)
+                return False
+            if not chunk:
+                return True
+            await resp.write(chunk)
+
+    async def _end_broken_answer(
+        self,
+        call: ProxyCall,
+        resp: web.StreamResponse,
+        up: aiohttp.ClientResponse,
+        ep: Endpoint,
+        exc: BaseException,
+    ) -> None:
+        kind = "timeout" if isinstance(exc, TimeoutError) else "midstream"
+        self.metrics.upstream_errors(ep.url, kind).inc()
+        self.health.attempt_failed(ep)
+        log.warning("request %s: %s failed mid-answer: %r", call.route.request_id, ep.url, exc)
+        if up.headers.get("Content-Type", "").startswith("text/event-stream"):
+            await resp.write(errors.sse_error_event(f"the endpoint serving this stream failed: {kind}"))
+            await resp.write_eof()
+        elif call.request.transport is not None:
+            call.request.transport.close()
+
+    def _failed(self, ep: Endpoint, kind: str, detail: object) -> RetryableFailure:
+        self.metrics.upstream_errors(ep.url, kind).inc()
+        self.health.attempt_failed(ep)
+        return RetryableFailure(kind, f"{ep.url}: {detail}")
+
+    def _timed_out(self, ep: Endpoint, exc: BaseException) -> GatewayError:
+        self.metrics.upstream_errors(ep.url, "timeout").inc()
+        self.health.attempt_failed(ep)
+        return errors.upstream_timeout(f"{ep.url} sent nothing for too long")

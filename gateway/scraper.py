@@ -1,0 +1,73 @@
+"""Load signals: poll each pod's /metrics and write the parsed values into its Endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+import aiohttp
+
+from gateway.metrics import GatewayMetrics
+from gateway.vllm_metrics import parse_pod_load
+from router.endpoint import Endpoint
+
+log = logging.getLogger("kvgate.scraper")
+
+
+class MetricsScraper:
+    """Every `interval` seconds, GET /metrics of every endpoint concurrently; failures count in
+    kvgate_scrape_errors and leave the endpoint's last values in place (health is the checker's job)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        endpoints: Callable[[], Iterable[Endpoint]],
+        metrics: GatewayMetrics,
+        *,
+        interval: float,
+        timeout: float,
+        path: str = "/metrics",
+    ) -> None:
+        self.session = session
+        self.endpoints = endpoints
+        self.metrics = metrics
+        self.interval = interval
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.path = path
+
+    async def scrape(self, ep: Endpoint) -> bool:
+        """Poll one endpoint; True when its fields were updated."""
+        try:
+            async with self.session.get(ep.url + self.path, timeout=self.timeout) as resp:
+                if resp.status != 200:
+                    raise aiohttp.ClientResponseError(
+                        resp.request_info, resp.history, status=resp.status, message="bad status"
+                    )
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
+            self.metrics.scrape_errors(ep.url).inc()
+            log.debug("scrape of %s failed: %r", ep.url, exc)
+            return False
+        load = parse_pod_load(text)
+        ep.waiting = load.waiting
+        ep.running = load.running
+        ep.kv_usage = load.kv_usage
+        if load.block_size is not None:
+            ep.block_size = load.block_size
+        if load.num_gpu_blocks is not None:
+            ep.num_gpu_blocks = load.num_gpu_blocks
+        ep.mark_scraped()
+        return True
+
+    async def scrape_all(self) -> None:
+        await asyncio.gather(*(self.scrape(ep) for ep in self.endpoints()))
+
+    async def run(self) -> None:
+        """A round every `interval` seconds, the first one `interval` from now (startup ran one)."""
+        loop = asyncio.get_running_loop()
+        next_round = loop.time() + self.interval
+        while True:
+            await asyncio.sleep(max(0.0, next_round - loop.time()))
+            next_round = loop.time() + self.interval
+            await self.scrape_all()

@@ -1,0 +1,105 @@
+"""Configuration: the documented example, the quick-start flags, and rejection of bad configs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.app import build_app
+from gateway.config import config_from_mapping, load_config
+from gateway.serve_cli import add_arguments, config_from_args, run
+from gateway.state import STATE
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "kvgate.example.yaml"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_example_config_loads_with_every_section():
+    config = load_config(str(EXAMPLE))
+    (pool,) = config.pools
+    assert pool.policy.name == "cache_aware" and pool.policy.params == {"index": "approximate"}
+    assert [e.kv_events for e in pool.endpoints] == ["tcp://vllm-0:5557", "tcp://vllm-1:5557"]
+    assert pool.endpoints[0].version == "v1" and pool.endpoints[1].role == "both"
+    assert config.retries.on_status == [502, 503] and config.scrape.interval == 0.25
+
+
+def test_quick_start_flags_build_the_same_config_object():
+    args = parse(
+        "--backend", "http://a:1/", "--backend", "http://b:2", "--model", "m", "--policy", "cache_aware",
+        "--index", "precise", "--kv-events", "tcp://a:5557", "--kv-events", "tcp://b:5557",
+        "--port", "0", "--retries", "1", "--health-interval", "0.5", "--seed", "4",
+    )  # fmt: skip
+    config = config_from_args(args)
+    (pool,) = config.pools
+    assert pool.model == "m"
+    assert (pool.policy.name, pool.policy.params) == ("cache_aware", {"index": "precise"})
+    assert [(e.url, e.kv_events) for e in pool.endpoints] == [
+        ("http://a:1", "tcp://a:5557"),
+        ("http://b:2", "tcp://b:5557"),
+    ]
+    assert (config.listen.port, config.retries.max_retries, config.health.interval, config.seed) == (
+        0,
+        1,
+        0.5,
+        4,
+    )
+
+
+def test_config_file_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"pools": {"m": {"endpoints": [{"url": "http://a:1"}]}}}))
+    config = config_from_args(parse("--config", str(path), "--host", "0.0.0.0", "--port", "9"))
+    assert (config.listen.host, config.listen.port) == ("0.0.0.0", 9)
+    assert config.pools[0].policy.name == "least_request"
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({}, "pools"),
+        ({"pools": {"m": {"endpoints": []}}}, "at least one endpoint"),
+        ({"pools": {"m": {"endpoints": [{"url": "a:1"}]}}}, "http"),
+        ({"pools": {"m": {"endpoints": [{"url": "http://a", "role": "boss"}]}}}, "role"),
+        ({"pools": {"m": {"endpoints": [{"url": "http://a", "wieght": 2}]}}}, "wieght"),
+        ({"pools": {"m": {"endpoints": [{"url": "http://a"}]}}, "health": {"interval": "1s"}}, "interval"),
+        (
+            {"pools": {"m": {"endpoints": [{"url": "http://a"}]}}, "retries": {"max_retries": -1}},
+            "max_retries",
+        ),
+        ({"pools": {"m": {"endpoints": [{"url": "http://a"}]}}, "listen": {"port": True}}, "port"),
+    ],
+)
+def test_bad_configs_name_the_problem(data, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_mapping(data)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--backend", "http://a:1", "--model", "m", "--kv-events", "tcp://a:1", "--kv-events", "tcp://b:1"],
+        ["--model", "m"],
+        ["--backend", "http://a:1", "--model", "m", "--policy", "session", "--index", "precise"],
+    ],
+)
+def test_serve_refuses_bad_flags_with_a_message(argv, capsys):
+    args = parse(*argv)
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvgate serve: ") and "Traceback" not in err
+
+
+def test_example_config_builds_a_gateway():
+    """The Dockerfile's default config must start: every pool's policy builds from its params."""
+    app = build_app(load_config(str(EXAMPLE)))
+    pool = app[STATE].pools.get("meta-llama/Llama-3.1-8B-Instruct")
+    assert pool is not None and pool.policy.type_name == "cache_aware"
+    assert [ep.kv_events_replay for ep in pool.endpoints] == ["tcp://vllm-0:5558", "tcp://vllm-1:5558"]
