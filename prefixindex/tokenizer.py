@@ -45,13 +45,13 @@ class Tokenizer(Protocol):
 
 
 def message_text(content: Any) -> str:
-    """The text of an OpenAI message `content`: a string, or a list of parts of which text parts count."""
+    """The text of an OpenAI message `content`: a string, or its text parts joined by newlines (as vLLM)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(
+        return "\n".join(
             p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"
         )
     raise TypeError("message content must be a string or a list of content parts")

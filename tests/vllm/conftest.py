@@ -1,0 +1,92 @@
+"""Fixtures for tests against a REAL vLLM (CPU build): one pod for the whole session.
+
+`real_vllm` (session scope, tests marked `@pytest.mark.vllm`) starts one vLLM OpenAI server with the
+tiny random-weight model recorded in tests/fixtures/vllm/model (so token ids match the recorded
+fixtures on any machine), prefix caching on, block size 32, a 16 MiB KV cache (256 blocks), and KV
+events: the PUB socket binds an OS-chosen port (connect a SUB to `kv_events`), the replay ROUTER binds
+another (`kv_events_replay`), topic `kv-events`. `POST /reset_prefix_cache` is enabled. It yields a
+`RealVllm` (scripts/capture_vllm_pod.py): url, model, model_dir, kv_events, kv_events_replay, topic,
+block_size, max_model_len, kv_cache_bytes, log_path, pid. The pod is shared by every test of the
+session: do not rely on blocks cached by another test, and send prompts of your own. A test may reset
+the prefix cache (`POST /reset_prefix_cache`); vLLM then publishes AllBlocksCleared with the next
+engine step's batch, not at once.
+
+Without vLLM (no $KVGATE_VLLM_VENV or /opt/vllm-venv) the tests are skipped, unless $CI is set: in CI a
+missing vLLM is an error. $KVGATE_VLLM_CORE pins the engine to one core.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "vllm"
+KV_CACHE_BYTES = 16 << 20  # 256 blocks of 32 tokens: room for the tests, small enough to evict on purpose
+
+
+def _load_pod_module() -> ModuleType:
+    name = "kvgate_capture_vllm_pod"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "capture_vllm_pod.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+pod_module = _load_pod_module()
+RealVllm = pod_module.RealVllm
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="session")
+def vllm_fixtures() -> Path:
+    """The folder of recordings made from a real vLLM by scripts/capture_vllm.py."""
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def real_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllm]:
+    """One running real vLLM pod with KV events (see the module docstring); stopped at session end."""
+    venv = pod_module.vllm_venv()
+    if not pod_module.vllm_available(venv):
+        reason = f"real vLLM not installed at {venv} (run scripts/install-vllm.sh or set KVGATE_VLLM_VENV)"
+        if _in_ci():
+            pytest.fail(reason + "; CI requires it", pytrace=False)
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("real-vllm")
+    model_dir = work / "tiny"
+    if (FIXTURES / "model" / "config.json").exists():
+        shutil.copytree(FIXTURES / "model", model_dir)
+    else:
+        pod_module.build_tiny_model(model_dir, venv)
+    core = os.environ.get("KVGATE_VLLM_CORE")
+    proc = pod_module.VllmProcess(
+        model_dir,
+        log_path=work / "vllm.log",
+        kv_cache_bytes=KV_CACHE_BYTES,
+        core=int(core) if core else None,
+        extra_args=["--enforce-eager"],  # no graph compilation: a faster, cache-independent start
+        venv=venv,
+    )
+    try:
+        pod = proc.start(timeout=240.0)
+    except (RuntimeError, TimeoutError) as exc:
+        pytest.fail(f"real vLLM did not start: {exc}", pytrace=False)
+    try:
+        yield pod
+    finally:
+        proc.stop()
