@@ -1,0 +1,1 @@
+"""Load generator: streaming OpenAI requests on an open- or closed-loop schedule, measured per request."""

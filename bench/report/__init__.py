@@ -1,0 +1,1 @@
+"""Comparison reports: terminal table and progress bar, JSON, Markdown and PNG plots."""

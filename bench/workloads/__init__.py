@@ -1,0 +1,16 @@
+"""Benchmark workloads: shared-prefix, multi-turn and trace replay, with open/closed-loop arrivals."""
+
+from __future__ import annotations
+
+from bench.workloads.arrivals import Arrival, ClosedLoop, OpenLoop, start_times
+from bench.workloads.base import BenchRequest, Session, Workload
+from bench.workloads.ceiling import Ceiling, infinite_cache_ceiling
+from bench.workloads.multi_turn import MultiTurnSpec, multi_turn
+from bench.workloads.shared_prefix import SharedPrefixSpec, scale_to_fleet, shared_prefix
+from bench.workloads.trace import TraceSpec, trace
+
+__all__ = [
+    "Arrival", "BenchRequest", "Ceiling", "ClosedLoop", "MultiTurnSpec", "OpenLoop", "Session",
+    "SharedPrefixSpec", "TraceSpec", "Workload", "infinite_cache_ceiling", "multi_turn",
+    "scale_to_fleet", "shared_prefix", "start_times", "trace",
+]
