@@ -1,0 +1,65 @@
+"""Prometheus metrics of the prefix index and KV-event stream (kvgate_ prefix, labels model and pod).
+
+The hit ratio is a PromQL division:
+    sum(rate(kvgate_prefix_cached_tokens_total[5m])) / sum(rate(kvgate_prefix_prompt_tokens_total[5m]))
+Metrics are created once per registry and shared by every pool registered on it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class IndexMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.prompt_tokens = Counter(
+            "kvgate_prefix_prompt_tokens", "Prompt tokens routed by the cache-aware policy",
+            ["model", "pod"], registry=r,
+        )
+        self.cached_tokens = Counter(
+            "kvgate_prefix_cached_tokens",
+            "Prompt tokens predicted cached on the chosen pod at routing time", ["model", "pod"], registry=r,
+        )
+        self.decisions = Counter(
+            "kvgate_cache_aware_decisions", "Cache-aware routing decisions by reason",
+            ["model", "reason"], registry=r,
+        )
+        self.index_blocks = Gauge(
+            "kvgate_prefix_index_blocks", "Distinct blocks in the prefix index", ["model"], registry=r
+        )
+        self.index_entries = Gauge(
+            "kvgate_prefix_index_entries", "(block, pod) pairs in the prefix index", ["model"], registry=r
+        )
+        self.index_bytes = Gauge(
+            "kvgate_prefix_index_bytes", "Estimated memory of the prefix index", ["model"], registry=r
+        )
+        self.kv_events = Counter(
+            "kvgate_kv_events", "KV-cache events received, by type", ["model", "pod", "type"], registry=r
+        )
+        self.seq_gaps = Counter(
+            "kvgate_kv_event_gaps", "Sequence gaps detected in a pod's KV-event stream",
+            ["model", "pod"], registry=r,
+        )
+        self.replays = Counter(
+            "kvgate_kv_event_replays", "Replays requested from a pod's replay socket, by outcome",
+            ["model", "pod", "outcome"], registry=r,
+        )
+        self.resets = Counter(
+            "kvgate_kv_event_resets",
+            "Times a pod's index entries were dropped (lost events, restart, clear)",
+            ["model", "pod", "cause"], registry=r,
+        )
+
+
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, IndexMetrics] = weakref.WeakKeyDictionary()
+
+
+def index_metrics(registry: CollectorRegistry) -> IndexMetrics:
+    """The metrics registered on `registry`, created on first use."""
+    got = _BY_REGISTRY.get(registry)
+    if got is None:
+        got = _BY_REGISTRY[registry] = IndexMetrics(registry)
+    return got

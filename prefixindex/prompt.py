@@ -1,0 +1,74 @@
+"""What a request asks the engine to prefill: its prompt tokens and the key root they chain from.
+
+Completions: `prompt` as text (tokenized with special tokens, as vLLM does), as token ids (used as
+they are), or a batch of either (the first prompt routes the request). Chat: `messages` rendered with
+the model's chat template and tokenized without special tokens, as vLLM does. `cache_salt` and the
+LoRA adapter (the request's `model` when it names an adapter rather than the pool's base model) go
+into the root so that tenants and adapters never share keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prefixindex.hashing import root_key
+from prefixindex.tokenizer import Tokenizer
+
+
+class PromptError(ValueError):
+    """The request carries no prompt the index can name (missing or malformed prompt/messages)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """The tokens a request prefills and the root of their block-key chain."""
+
+    tokens: list[int]
+    root: int
+    lora: str | None = None
+    cache_salt: str | None = None
+
+
+def prompt_tokens(body: Mapping[str, Any], path: str, tokenizer: Tokenizer) -> list[int]:
+    """The prompt token ids of an OpenAI request body. Raises PromptError when there is none."""
+    if "messages" in body or path.endswith("/chat/completions"):
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise PromptError("'messages' must be a non-empty list")
+        if not all(isinstance(m, Mapping) for m in messages):
+            raise PromptError("each message must be an object")
+        add_generation_prompt = body.get("add_generation_prompt", True) is not False
+        try:
+            return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        except (TypeError, ValueError) as exc:
+            raise PromptError(f"cannot render messages: {exc}") from exc
+    return _completion_tokens(body.get("prompt"), tokenizer)
+
+
+def _completion_tokens(prompt: Any, tokenizer: Tokenizer) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, int) and not isinstance(first, bool):
+            if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+                return prompt
+            raise PromptError("token-id prompts must be non-negative integers")
+        if isinstance(first, str | list):  # a batch: the first prompt routes the request
+            return _completion_tokens(first, tokenizer)
+    raise PromptError("'prompt' must be a string, a list of token ids, or a batch of them")
+
+
+def extract_prompt(
+    body: Mapping[str, Any], path: str, tokenizer: Tokenizer, base_model: str
+) -> Prompt:
+    """Tokens and key root of a request to a pool serving `base_model`. Raises PromptError."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise PromptError("'cache_salt' must be a non-empty string")
+    model = body.get("model")
+    lora = model if isinstance(model, str) and model and model != base_model else None
+    tokens = prompt_tokens(body, path, tokenizer)
+    return Prompt(tokens, root_key(base_model, lora, salt), lora, salt)
