@@ -1,6 +1,6 @@
 """The gateway application: state, middlewares, routes, and one cleanup_ctx entry per long-lived
-resource (upstream client session + proxy, routing policies, health checker, metrics scraper),
-set up in this order and torn down in reverse."""
+resource (upstream client session + proxy, the P/D flow, routing policies, health checker, metrics
+scraper), set up in this order and torn down in reverse."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from gateway.errors import GatewayError
 from gateway.handlers import CALL_KEY, REQUEST_ID_KEY, add_routes
 from gateway.health import HealthChecker, HealthTracker
 from gateway.metrics import GatewayMetrics
+from gateway.pd_flow import PDFlow, PDMetrics
 from gateway.pools import build_pools
 from gateway.proxy import X_REQUEST_ID, Proxy, ProxyCall
 from gateway.scraper import MetricsScraper
@@ -43,7 +44,9 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
         config=config,
         pools=pools,
         metrics=metrics,
-        health=HealthTracker(metrics, config.health.eject_after),
+        health=HealthTracker(
+            metrics, config.health.eject_after, eject_after_timeouts=config.health.eject_after_timeouts
+        ),
         api_keys=api_keys,
         started=int(time.time()),
     )
@@ -53,7 +56,7 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
     app = web.Application(middlewares=middlewares, client_max_size=config.limits.max_body_bytes)
     app[STATE] = state
     add_routes(app)
-    app.cleanup_ctx.extend([upstream_ctx, policies_ctx, health_ctx, scraper_ctx])
+    app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, health_ctx, scraper_ctx])
     return app
 
 
@@ -120,6 +123,17 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[PROXY] = Proxy(session, state.config, state.metrics, state.health)
     yield
     await session.close()
+
+
+async def pd_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Prefill/decode disaggregation: wrap the proxy's attempt when some pool has prefill pods."""
+    state = app[STATE]
+    pd_models = [pool.model for pool in state.pools if pool.pd is not None]
+    if pd_models:
+        proxy = app[PROXY]
+        metrics = PDMetrics(state.metrics.registry, pd_models)
+        proxy.attempt = PDFlow(proxy.attempt, app[SESSION], metrics, state.metrics, state.health).attempt
+    yield
 
 
 async def policies_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -56,6 +56,8 @@ class Health:
     interval: float = 1.0  # active GET /health period
     timeout: float = 0.5
     eject_after: int = 3  # consecutive failed proxy attempts that eject a pod (passive check)
+    eject_after_timeouts: int = 2  # consecutive timed-out checks that eject a pod (refused/5xx: at once)
+    panic_threshold: float = 0.0  # healthy share of a pool below which it routes over all its pods
     path: str = "/health"
 
 
@@ -83,6 +85,18 @@ class PolicySpec:
 
 
 @dataclass(slots=True)
+class PDSpec:
+    """Prefill/decode disaggregation of a pool (active when the pool has a `role: prefill` endpoint).
+
+    `compatibility` maps a decode version to the prefill versions (besides its own) it can read.
+    """
+
+    threshold_tokens: int = 256  # uncached prompt tokens below which the decode pod prefills itself
+    prefill_timeout_s: float = 10.0  # a prefill step slower than this falls back to local prefill
+    compatibility: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class PoolSpec:
     """The endpoints serving one model and the policy choosing among them."""
 
@@ -91,6 +105,7 @@ class PoolSpec:
     policy: PolicySpec = field(default_factory=PolicySpec)
     tokenizer: str | None = None
     block_size: int | None = None
+    pd: PDSpec | None = None
 
 
 @dataclass(slots=True)
@@ -140,6 +155,8 @@ def validate(cfg: GatewayConfig) -> None:
         raise ValueError("retries.max_retries must be >= 0")
     if cfg.health.interval <= 0 or cfg.health.timeout <= 0 or cfg.health.eject_after < 1:
         raise ValueError("health: interval and timeout must be positive, eject_after at least 1")
+    if cfg.health.eject_after_timeouts < 1 or not 0.0 <= cfg.health.panic_threshold <= 1.0:
+        raise ValueError("health: eject_after_timeouts must be at least 1, panic_threshold in [0, 1]")
     if cfg.health.timeout > cfg.health.interval:
         # a hung pod must be ejected within two intervals: one check may take at most one interval
         raise ValueError("health.timeout must not exceed health.interval")
@@ -158,6 +175,27 @@ def validate(cfg: GatewayConfig) -> None:
             if ep.weight <= 0:
                 raise ValueError(f"pools.{pool.model}: endpoint {ep.url} weight must be positive")
             ep.url = ep.url.rstrip("/")
+        validate_pd(pool)
+
+
+def validate_pd(pool: PoolSpec) -> None:
+    """A P/D pool needs a pod for each role; versions in the compatibility map are strings."""
+    where = f"pools.{pool.model}"
+    roles = {ep.role for ep in pool.endpoints}
+    if roles == {"prefill"}:
+        raise ValueError(f"{where}: every endpoint is prefill-only; a decode or both endpoint is needed")
+    pd = pool.pd
+    if pd is None:
+        return
+    if "prefill" not in roles:
+        raise ValueError(f"{where}.pd: the pool has no endpoint with role prefill")
+    if pd.threshold_tokens < 0 or pd.prefill_timeout_s <= 0:
+        raise ValueError(f"{where}.pd: threshold_tokens must be >= 0 and prefill_timeout_s positive")
+    for decode, prefills in pd.compatibility.items():
+        if not isinstance(decode, str) or not isinstance(prefills, list):
+            raise ValueError(f"{where}.pd.compatibility: expected version -> list of versions (quote them)")
+        if not all(isinstance(v, str) for v in prefills):
+            raise ValueError(f"{where}.pd.compatibility.{decode}: versions must be strings (quote them)")
 
 
 def _decode(cls: type, data: Any, where: str) -> Any:

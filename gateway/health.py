@@ -1,9 +1,16 @@
 """Endpoint health: passive ejection from failed proxy attempts, active /health checks, re-admission.
 
-Rules: `eject_after` consecutive failed attempts (connect refused, reset, 502/503, timeout) eject a pod
-at once (passive); a failed active check (non-2xx, error or timeout) ejects it at the next check
-(active), so a dead pod stops receiving new requests within one check interval plus its timeout; one
-successful active check re-admits an ejected pod and clears its failure count.
+Rules:
+- passive: `eject_after` consecutive failed attempts (connect refused, reset, 502/503, timeout) eject a
+  pod at once;
+- active, definite failure: a check refused, reset or answered with a non-2xx ejects the pod at that
+  check, so a dead pod stops receiving new requests within one check interval plus its timeout;
+- active, timeout: weaker evidence (a pod starved of CPU answers slowly but still serves), so only
+  `eject_after_timeouts` consecutive timed-out checks eject it (with the default 2, a hung pod is out
+  within two intervals plus the timeout);
+- one successful active check re-admits an ejected pod and clears its failure counts.
+Ejecting every pod of a pool does not stop it serving: Pool.candidates then routes over all of them
+(panic mode).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from enum import Enum
 
 import aiohttp
 
@@ -20,12 +28,22 @@ from router.endpoint import Endpoint
 log = logging.getLogger("kvgate.health")
 
 
+class CheckResult(Enum):
+    """The outcome of one active check."""
+
+    OK = "ok"
+    FAILED = "failed"  # refused, reset, non-2xx: the pod is down or says it is
+    TIMEOUT = "timeout"  # no answer within the check timeout: down, hung, or only busy
+
+
 class HealthTracker:
     """The one place that changes `Endpoint.healthy` and `consecutive_failures`."""
 
-    def __init__(self, metrics: GatewayMetrics, eject_after: int) -> None:
+    def __init__(self, metrics: GatewayMetrics, eject_after: int, *, eject_after_timeouts: int = 2) -> None:
         self.metrics = metrics
         self.eject_after = eject_after
+        self.eject_after_timeouts = eject_after_timeouts
+        self._check_timeouts: dict[Endpoint, int] = {}  # consecutive timed-out checks of healthy pods
 
     def attempt_failed(self, ep: Endpoint) -> None:
         ep.consecutive_failures += 1
@@ -35,17 +53,34 @@ class HealthTracker:
     def attempt_succeeded(self, ep: Endpoint) -> None:
         ep.consecutive_failures = 0
 
-    def check_result(self, ep: Endpoint, ok: bool) -> None:
-        if ok:
+    def check_result(self, ep: Endpoint, result: CheckResult) -> None:
+        """Apply one active check's outcome (see the module docstring for the rules)."""
+        if result is CheckResult.OK:
             ep.consecutive_failures = 0
+            self._check_timeouts.pop(ep, None)
             if not ep.healthy:
                 ep.healthy = True
                 log.warning("endpoint %s re-admitted", ep.url)
-        elif ep.healthy:
-            self._eject(ep, "active")
+            return
+        if not ep.healthy:
+            return
+        if result is CheckResult.TIMEOUT:
+            timeouts = self._check_timeouts.get(ep, 0) + 1
+            if timeouts < self.eject_after_timeouts:
+                self._check_timeouts[ep] = timeouts
+                log.info("endpoint %s: health check timed out (%d in a row)", ep.url, timeouts)
+                return
+        self._eject(ep, "active")
+
+    def forget(self, keep: Iterable[Endpoint]) -> None:
+        """Drop the timeout counts of endpoints no longer in any pool."""
+        live = set(keep)
+        for ep in [ep for ep in self._check_timeouts if ep not in live]:
+            del self._check_timeouts[ep]
 
     def _eject(self, ep: Endpoint, cause: str) -> None:
         ep.healthy = False
+        self._check_timeouts.pop(ep, None)
         self.metrics.ejections(ep.url, cause).inc()
         log.warning("endpoint %s ejected (%s, %d failures)", ep.url, cause, ep.consecutive_failures)
 
@@ -70,19 +105,24 @@ class HealthChecker:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.path = path
 
-    async def check(self, ep: Endpoint) -> bool:
+    async def check(self, ep: Endpoint) -> CheckResult:
+        """GET the health path once. A connect timeout counts as TIMEOUT too: a pod whose accept queue
+        is full under load looks the same as a slow answer."""
         try:
             async with self.session.get(ep.url + self.path, timeout=self.timeout) as resp:
                 await resp.read()
-                return 200 <= resp.status < 300
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
+                return CheckResult.OK if 200 <= resp.status < 300 else CheckResult.FAILED
+        except TimeoutError:  # aiohttp's ServerTimeoutError and ConnectionTimeoutError included
+            return CheckResult.TIMEOUT
+        except (aiohttp.ClientError, OSError):
+            return CheckResult.FAILED
 
     async def check_all(self) -> None:
         eps = list(self.endpoints())
         results = await asyncio.gather(*(self.check(ep) for ep in eps))
-        for ep, ok in zip(eps, results, strict=True):
-            self.tracker.check_result(ep, ok)
+        for ep, result in zip(eps, results, strict=True):
+            self.tracker.check_result(ep, result)
+        self.tracker.forget(eps)
 
     async def run(self) -> None:
         """A round every `interval` seconds, the first one `interval` from now (startup ran one)."""

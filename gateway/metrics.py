@@ -80,6 +80,15 @@ class GatewayMetrics:
                 registry=registry,
             )
         )
+        self.panic_routing = _Children(
+            Counter(
+                "kvgate_panic_routing",
+                "Routing decisions made over all of a pool's endpoints, healthy or not, because too few "
+                "were healthy (health.panic_threshold).",
+                ["model"],
+                registry=registry,
+            )
+        )
         self.upstream_errors = _Children(
             Counter(
                 "kvgate_upstream_errors",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from gateway.config import GatewayConfig, PoolSpec
+from gateway.config import GatewayConfig, PDSpec, PoolSpec
+from prefixindex.tokenizer import load_tokenizer
 from router.endpoint import Endpoint
+from router.pd import PDRouter, VersionCompatibility, is_pd_pool
 from router.policy import Policy, PolicyContext
 from router.registry import build_policy
 
@@ -19,10 +21,28 @@ class Pool:
     policy_name: str
     policy: Policy
     endpoints: list[Endpoint]
+    pd: PDRouter | None = None  # set for a pool with prefill pods (prefill/decode disaggregation)
 
-    def candidates(self, tried: list[Endpoint]) -> list[Endpoint]:
-        """Endpoints that may take a whole request now: healthy, not prefill-only, not yet tried."""
-        return [ep for ep in self.endpoints if ep.healthy and ep.role != "prefill" and ep not in tried]
+    def candidates(self, tried: list[Endpoint], panic_threshold: float = 0.0) -> tuple[list[Endpoint], bool]:
+        """Endpoints that may take a whole request now, and whether the pool is in panic mode.
+
+        Normally: the healthy, not prefill-only endpoints not yet tried. Panic mode (Envoy's): when no
+        endpoint that can take the request is healthy, or their healthy share is below
+        `panic_threshold`, health is ignored and every such endpoint not yet tried is a candidate, so a
+        fleet ejected wholesale (e.g. slow health answers under load) still serves instead of answering
+        503; a truly dead fleet fails each attempt fast and ends in 502 after the retries.
+        """
+        eligible = [ep for ep in self.endpoints if ep.role != "prefill"]
+        healthy = sum(1 for ep in eligible if ep.healthy)
+        panic = bool(eligible) and (healthy == 0 or healthy < panic_threshold * len(eligible))
+        return [ep for ep in eligible if (panic or ep.healthy) and ep not in tried], panic
+
+    def update_endpoints(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        """Change the pool's pods (discovery, rolling updates) and tell the policy. Requests already
+        routed to a removed pod finish or fail on their own; new ones never see it."""
+        gone = set(removed)
+        self.endpoints = [ep for ep in self.endpoints if ep not in gone] + list(added)
+        self.policy.endpoints_changed(added, removed)
 
 
 class Pools:
@@ -60,7 +80,20 @@ def build_pool(spec: PoolSpec, registry: CollectorRegistry, seed: int | None) ->
         model=spec.model, registry=registry, tokenizer=spec.tokenizer, block_size=spec.block_size, seed=seed
     )
     policy = build_policy(spec.policy.name, spec.policy.params, ctx)
-    return Pool(spec.model, spec.policy.name, policy, endpoints)
+    return Pool(spec.model, spec.policy.name, policy, endpoints, build_pd_router(spec, endpoints))
+
+
+def build_pd_router(spec: PoolSpec, endpoints: list[Endpoint]) -> PDRouter | None:
+    """The pool's P/D decision when it has prefill pods (defaults unless `pd:` is configured)."""
+    if spec.pd is None and not is_pd_pool(endpoints):
+        return None
+    pd = spec.pd or PDSpec()
+    return PDRouter(
+        load_tokenizer(spec.tokenizer),
+        threshold_tokens=pd.threshold_tokens,
+        prefill_timeout_s=pd.prefill_timeout_s,
+        compatibility=VersionCompatibility.from_map(pd.compatibility),
+    )
 
 
 def build_pools(config: GatewayConfig, registry: CollectorRegistry) -> Pools:

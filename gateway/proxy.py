@@ -75,6 +75,7 @@ class ProxyCall:
     tried: list[Endpoint] = field(default_factory=list)
     status: int = 0  # status sent to the client; 499 when the client went away
     served_by: Endpoint | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)  # added to the client's response
 
     def upstream_body(self) -> bytes:
         if self.body_changed and self.body is not None:
@@ -123,21 +124,25 @@ class Proxy:
         self.session = session
         self.max_retries = config.retries.max_retries
         self.retry_statuses = frozenset(config.retries.on_status)
+        self.panic_threshold = config.health.panic_threshold
         self.metrics = metrics
         self.health = health
         self.attempt: Attempt = self.send_upstream
 
     async def forward(self, call: ProxyCall) -> web.StreamResponse:
-        """Pick, attempt, and on a RetryableFailure try another healthy, untried endpoint.
+        """Pick, attempt, and on a RetryableFailure try another healthy, untried endpoint (any untried
+        endpoint while the pool is in panic mode, see Pool.candidates).
 
         503 when no endpoint could be tried at all, 502 when every attempt failed before answering.
         """
         pool = call.pool
         failure: RetryableFailure | None = None
         for attempt_no in range(self.max_retries + 1):
-            candidates = pool.candidates(call.tried)
+            candidates, panic = pool.candidates(call.tried, self.panic_threshold)
             if not candidates:
                 break
+            if panic:
+                self.metrics.panic_routing(pool.model).inc()
             decision = pool.policy.pick(call.route, candidates)
             self.metrics.decisions(pool.policy_name, decision.reason).inc()
             call.tried.append(decision.endpoint)
@@ -232,6 +237,7 @@ class Proxy:
         headers[X_ENDPOINT] = ep.url
         headers[X_REQUEST_ID] = call.route.request_id
         headers[X_CACHED_TOKENS] = str(decision.cached_tokens)
+        headers.update(call.extra_headers)
         completed = False
         call.status = up.status
         try:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import get_args
 
 import aiohttp
 import orjson
@@ -21,8 +22,10 @@ from gateway.app import build_app
 from gateway.config import (
     EndpointSpec,
     GatewayConfig,
+    PDSpec,
     PolicySpec,
     PoolSpec,
+    Role,
     load_config,
 )
 from router.registry import POLICIES, PolicyError
@@ -36,7 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="listen address (overrides the config; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port, 0 for any free one (default 8080)")
     quick = parser.add_argument_group("quick start (one pool, instead of --config)")
-    quick.add_argument("--backend", action="append", default=[], metavar="URL", help="a pod; repeat")
+    quick.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="URL[#role=R,version=V]",
+        help="a pod; repeat. P/D: role prefill|decode|both (default both) and version, e.g. "
+        "http://p0:8000#role=prefill,version=v1",
+    )
     quick.add_argument("--model", help="model name served by the backends (default: ask the first one)")
     quick.add_argument("--policy", default="least_request", choices=sorted(POLICIES))
     quick.add_argument("--index", choices=["approximate", "precise"], help="cache_aware: prefix index kind")
@@ -46,6 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quick.add_argument("--kv-events-replay", action="append", default=[], metavar="ENDPOINT")
     quick.add_argument("--tokenizer", help="HuggingFace tokenizer dir for cache-aware routing")
     quick.add_argument("--block-size", type=int)
+    pd = parser.add_argument_group("prefill/decode disaggregation (quick start; with prefill backends)")
+    pd.add_argument("--pd-threshold-tokens", type=int, help="uncached prompt tokens worth a prefill pod")
+    pd.add_argument("--pd-prefill-timeout", type=float, help="seconds before falling back to local prefill")
+    pd.add_argument(
+        "--pd-compatible",
+        action="append",
+        default=[],
+        metavar="DECODE_V=PREFILL_V[,...]",
+        help="decode pods of DECODE_V also read KV from these prefill versions; repeat",
+    )
     tune = parser.add_argument_group("tuning (override the config)")
     tune.add_argument("--retries", type=int, help="extra attempts on other pods")
     tune.add_argument("--health-interval", type=float)
@@ -80,21 +100,60 @@ def quick_pool(args: argparse.Namespace) -> PoolSpec:
         if values and len(values) != n:
             raise ValueError(f"{flag} must be given once per --backend ({n}), got {len(values)}")
     params = {"index": args.index} if args.index else {}
-    endpoints = [
-        EndpointSpec(
-            url=url,
-            kv_events=args.kv_events[i] if args.kv_events else None,
-            kv_events_replay=args.kv_events_replay[i] if args.kv_events_replay else None,
+    endpoints = []
+    for i, backend in enumerate(args.backend):
+        url, role, version = parse_backend(backend)
+        endpoints.append(
+            EndpointSpec(
+                url=url,
+                role=role,
+                version=version,
+                kv_events=args.kv_events[i] if args.kv_events else None,
+                kv_events_replay=args.kv_events_replay[i] if args.kv_events_replay else None,
+            )
         )
-        for i, url in enumerate(args.backend)
-    ]
     return PoolSpec(
         model=args.model,
         endpoints=endpoints,
         policy=PolicySpec(args.policy, params),
         tokenizer=args.tokenizer,
         block_size=args.block_size,
+        pd=pd_spec(args),
     )
+
+
+def parse_backend(value: str) -> tuple[str, Role, str]:
+    """`URL[#role=R,version=V]` -> (url, role, version); ValueError naming a bad suffix."""
+    url, _, suffix = value.partition("#")
+    role, version = "both", ""
+    for item in filter(None, (part.strip() for part in suffix.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or key not in ("role", "version"):
+            raise ValueError(f"--backend {value!r}: expected URL#role=R,version=V, got {item!r}")
+        if key == "role":
+            if val not in get_args(Role):
+                raise ValueError(f"--backend {value!r}: role must be one of {list(get_args(Role))}")
+            role = val
+        else:
+            version = val
+    return url, role, version  # type: ignore[return-value]
+
+
+def pd_spec(args: argparse.Namespace) -> PDSpec | None:
+    """The pool's `pd:` settings from the flags; None when none is given (defaults then apply)."""
+    if args.pd_threshold_tokens is None and args.pd_prefill_timeout is None and not args.pd_compatible:
+        return None
+    spec = PDSpec()
+    if args.pd_threshold_tokens is not None:
+        spec.threshold_tokens = args.pd_threshold_tokens
+    if args.pd_prefill_timeout is not None:
+        spec.prefill_timeout_s = args.pd_prefill_timeout
+    for item in args.pd_compatible:
+        decode, sep, prefills = item.partition("=")
+        if not sep or not decode:
+            raise ValueError(f"--pd-compatible {item!r}: expected DECODE_V=PREFILL_V[,...]")
+        spec.compatibility.setdefault(decode, []).extend(v for v in prefills.split(",") if v)
+    return spec
 
 
 def _apply_overrides(c: GatewayConfig, a: argparse.Namespace) -> None:
@@ -164,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         runner = asyncio.run
     try:
         if not args.config and args.backend and not args.model:
-            args.model = runner(discover_model(args.backend[0]))
+            args.model = runner(discover_model(parse_backend(args.backend[0])[0]))
         config = config_from_args(args)
         runner(serve(config))
     except (ValueError, PolicyError, OSError, aiohttp.ClientError) as exc:
