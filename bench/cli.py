@@ -2,6 +2,7 @@
 
     kvgate bench --quick --out bench-out/quick          # the README's main job (< 2 min on 2 cores)
     kvgate bench --preset full --out bench-out/full     # 8 pods, llm-d's setting scaled to the fleet
+    kvgate bench --preset saturate --out bench-out/saturate  # issue 4's acceptance run (bench/RESULTS.md)
     kvgate bench --rates 8,12,16 --policies round_robin,cache_aware/precise
     kvgate bench --workload trace --trace-first 300 --trace-block-tokens 32 --trace-speed 4
 

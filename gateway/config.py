@@ -158,7 +158,7 @@ def validate(cfg: GatewayConfig) -> None:
     if cfg.health.eject_after_timeouts < 1 or not 0.0 <= cfg.health.panic_threshold <= 1.0:
         raise ValueError("health: eject_after_timeouts must be at least 1, panic_threshold in [0, 1]")
     if cfg.health.timeout > cfg.health.interval:
-        # a hung pod must be ejected within two intervals: one check may take at most one interval
+        # checks must not overlap: a hung pod is out within eject_after_timeouts intervals plus a timeout
         raise ValueError("health.timeout must not exceed health.interval")
     if cfg.scrape.interval < 0:
         raise ValueError("scrape.interval must be >= 0")

@@ -75,10 +75,13 @@ async def test_unknown_route_is_openai_shaped_404(fake_pods, start_gateway, clie
         assert_openai_error(await r.json())
 
 
-async def test_no_healthy_pod_is_503(fake_pods, start_gateway, client):
+async def test_pool_without_endpoints_is_503(fake_pods, start_gateway, client):
+    # every pod ejected still serves (panic mode, test_gateway_health_panic.py); only a pool whose pods
+    # were all removed (discovery) has nothing to try
     a, b = await fake_pods(2)
-    a.healthy = b.healthy = False
     gw = await start_gateway(pool_config([a.url, b.url]))
+    pool = gw.app[STATE].pools.get("m")
+    pool.update_endpoints([], list(pool.endpoints))
     async with client.post(gw.url + "/v1/chat/completions", json=CHAT) as r:
         assert r.status == 503
         assert_openai_error(await r.json(), code="no_healthy_endpoint")
