@@ -7,6 +7,10 @@ event's LoRA name and the `cache_salt` found in the first block's `extra_keys`) 
 pod, engine hash -> own key, to chain later runs and to apply BlockRemoved. Two sequences computing
 the same block at once leave two physical copies under one hash, and vLLM sends BlockRemoved per copy:
 copies are counted, and a block leaves the index with its last copy.
+
+`pending` (optional) holds the blocks routing sent to this pod before any event confirmed them. An
+event settles them: a stored block is now known for sure, a removed one is gone, so both leave
+`pending`, which otherwise would keep claiming blocks the pod has long evicted.
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ class PodEventTracker:
         pod: Hashable,
         model: str,
         accept_block_size: Callable[[int], bool],
+        pending: BlockIndex | None = None,
     ) -> None:
         self.index = index
+        self.pending = pending
         self.pod = pod
         self.model = model
         self._accept = accept_block_size
@@ -108,6 +114,8 @@ class PodEventTracker:
             else:
                 engine[hi] = k
         self.index.insert(self.pod, keys)
+        if self.pending is not None:
+            self.pending.discard(self.pod, keys)
 
     def _removed(self, ev: BlockRemoved) -> None:
         self.counts["BlockRemoved"] += 1
@@ -131,3 +139,5 @@ class PodEventTracker:
                 gone.append(k)
         if gone:
             self.index.discard(self.pod, gone)
+            if self.pending is not None:
+                self.pending.discard(self.pod, gone)

@@ -98,6 +98,7 @@ class Comparison:
     fleet_urls: list[str]
     kv_events: list[str | None]
     stream: TextIO
+    kv_events_replay: list[str | None] = field(default_factory=list)
     request_lines: list[bytes] = field(default_factory=list)
     runs: int = 0
 
@@ -109,7 +110,7 @@ class Comparison:
         record = RunRecord(spec.name, arrival.label(), rate)
         await reset_prefix_caches(self.http, self.fleet_urls)
         router = RouterProcess(spec, self.fleet_urls, cfg.model, cfg.out_dir / "logs", self.kv_events,
-                               cfg.seed)
+                               cfg.seed, kv_events_replay=self.kv_events_replay)
         try:
             url = await router.start(cfg.router_start_timeout_s)
         except (ProcessError, TimeoutError, OSError, ValueError) as exc:
@@ -148,14 +149,17 @@ async def run_comparison(cfg: HarnessConfig, workload: Workload, report: Report,
     options = dict(cfg.pod_options)
     if any(s.needs_kv_events for s in cfg.routers):
         options.setdefault("kv_events_endpoint", "tcp://127.0.0.1:*")  # each pod binds an OS-chosen port
+        options.setdefault("kv_events_replay_endpoint", "tcp://127.0.0.1:*")  # gaps recover by replay
     out.write(f"starting {cfg.pods} simulated pods ...\n")
     out.flush()
     async with (
         SimFleetProcess(cfg.pods, model=cfg.model, **options) as fleet,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
     ):
-        kv_events = [info.get("kv_events") for info in fleet.ready_infos()]
-        comparison = Comparison(cfg, http, fleet.urls, kv_events, out)
+        infos = fleet.ready_infos()
+        kv_events = [info.get("kv_events") for info in infos]
+        kv_replay = [info.get("kv_events_replay") for info in infos]
+        comparison = Comparison(cfg, http, fleet.urls, kv_events, out, kv_replay)
         for arrival in cfg.loads:
             for spec in cfg.routers:
                 record = await comparison.run_one(spec, arrival, workload)

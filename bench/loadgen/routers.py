@@ -60,7 +60,8 @@ class RouterProcess:
     """A running router in front of `backends`; `url` is its OpenAI base URL once started."""
 
     def __init__(self, spec: RouterSpec, backends: Sequence[str], model: str, log_dir: Path,
-                 kv_events: Sequence[str | None] = (), seed: int = 0) -> None:
+                 kv_events: Sequence[str | None] = (), seed: int = 0,
+                 kv_events_replay: Sequence[str | None] = ()) -> None:
         self.spec = spec
         self.url = ""
         safe = spec.name.replace("/", "-")
@@ -81,6 +82,9 @@ class RouterProcess:
                     raise ValueError("precise routing needs every pod's KV-event endpoint")
                 for endpoint in kv_events:
                     argv += ["--kv-events", str(endpoint)]
+                if kv_events_replay and all(kv_events_replay):  # replay lets gaps heal without a reset
+                    for endpoint in kv_events_replay:
+                        argv += ["--kv-events-replay", str(endpoint)]
             argv += list(spec.extra_args)
         self.process = ChildProcess(argv, log_dir / f"router-{safe}.log", env={"PYTHONUNBUFFERED": "1"})
 

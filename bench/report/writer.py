@@ -47,7 +47,9 @@ def markdown_summary(report: Report, plots: list[Path]) -> str:
 
 
 def _x(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
+    if v is None:
+        return "-"
+    return f"{v:.2f}x" if v >= 0.1 else f"{v:.3g}x"  # 0.0042x, not 0.00x
 
 
 def write_report(report: Report, out_dir: Path, request_lines: list[bytes] | None = None) -> list[Path]:

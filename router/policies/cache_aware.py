@@ -278,7 +278,9 @@ class CacheAwarePolicy(Policy):
         if not ep.kv_events or self._subscriber is None:
             return
         self.index.add_pod(ep)
-        self._trackers[ep] = PodEventTracker(self.index, ep, self.model, self._accept_block_size)
+        self._trackers[ep] = PodEventTracker(
+            self.index, ep, self.model, self._accept_block_size, pending=self.pending
+        )
         await self._subscriber.add(event_source(ep, pool))
 
     def _spawn(self, coro) -> None:

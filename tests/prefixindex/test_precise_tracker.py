@@ -79,3 +79,22 @@ def test_a_block_cached_twice_leaves_with_its_last_copy() -> None:
     assert index.held("p") == 1 and t.own_key(1) is not None
     t.apply(batch(BlockRemoved([1])))
     assert index.held("p") == 0 and len(t) == 0
+
+
+def test_events_settle_pending_routing_guesses() -> None:
+    """What routing guessed (pending) leaves once the pod's events confirm or evict it, so a pod that
+    evicted a prefix stops attracting it; a guess no event has settled yet still counts."""
+    index, pending = BlockIndex(), BlockIndex()
+    index.add_pod("p")
+    pending.add_pod("p", 64)
+    t = PodEventTracker(index, "p", "m", lambda size: size == BS, pending=pending)
+    tokens = list(range(16))
+    keys = block_keys(tokens, BS, root_key("m"))
+    pending.insert("p", keys)  # routed a 4-block prompt here; prefill not done yet
+    other = block_keys(list(range(50, 58)), BS, root_key("m"))
+    pending.insert("p", other)  # another prompt routed here, not prefilled yet
+    t.apply(batch(BlockStored([1, 2, 3, 4], None, tokens, BS)))
+    assert pending.match(keys) == {} and index.match(keys) == {"p": 4}
+    t.apply(batch(BlockRemoved([3, 4], "GPU")))
+    assert index.match(keys) == {"p": 2} and pending.match(keys) == {}
+    assert pending.match(other) == {"p": 2}
