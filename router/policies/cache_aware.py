@@ -167,12 +167,28 @@ class CacheAwarePolicy(Policy):
         return prompt, keys
 
     def match(self, keys: Sequence[int], candidates: Sequence[Endpoint]) -> dict[Endpoint, int]:
-        """Per candidate, the leading blocks of `keys` it holds (index, and pending in precise mode)."""
+        """Per candidate, the leading blocks of `keys` it holds (index, and pending in precise mode).
+
+        In precise mode a prompt's run can be split between the two: events confirm a prefill chunk by
+        chunk, moving its leading blocks from pending to the index while the rest is still pending. The
+        run a pod holds is therefore followed across both, alternating until neither extends it.
+        """
         found = self.index.match(keys, candidates)
-        if self.mode == "precise" and self.pending_blocks:
-            for ep, n in self.pending.match(keys, candidates).items():
-                if n > found.get(ep, 0):
-                    found[ep] = n
+        if self.mode != "precise" or not self.pending_blocks:
+            return found  # type: ignore[return-value]
+        for ep, n in self.pending.match(keys, candidates).items():
+            if n > found.get(ep, 0):
+                found[ep] = n
+        for ep, n in list(found.items()):
+            sources = (self.pending, self.index)
+            turn = 0
+            while n < len(keys):
+                more = sources[turn % 2].match(keys[n:], [ep]).get(ep, 0)
+                if not more and turn:
+                    break
+                n += more
+                turn += 1
+            found[ep] = n
         return found  # type: ignore[return-value]
 
     def pick(self, request: RouteRequest, candidates: Sequence[Endpoint]) -> Decision:

@@ -245,3 +245,18 @@ def test_a_failed_attempt_unlearns_only_what_it_taught() -> None:
     policy.on_finished(r, d, False)  # the pod failed before prefill: its new blocks are forgotten
     assert policy.pick(req(system + " " + text(19, 64)), eps).cached_tokens == 64
     assert policy.index.held(first.endpoint) == 4
+
+
+def test_precise_match_follows_a_run_split_between_events_and_pending() -> None:
+    """Events confirm a prefill chunk by chunk: the leading blocks move to the index while the rest is
+    still pending. The pod must still count as holding the whole run, or a burst scatters."""
+    policy = CacheAwarePolicy("m", index="precise", pending_blocks=64, seed=14)
+    eps = pods(2)
+    keys = block_keys(WordTokenizer().encode(text(18, 128)), 16, root_key("m"))  # 8 blocks
+    policy.index.add_pod(eps[0])
+    policy.pending.add_pod(eps[0], 64)
+    policy.index.insert(eps[0], keys[:3])  # first chunk confirmed by a BlockStored
+    policy.pending.insert(eps[0], keys[3:])  # the rest routed there, not yet confirmed
+    assert policy.match(keys, eps) == {eps[0]: 8}
+    policy.pending.discard(eps[0], keys[6:])  # a gap: the run stops there
+    assert policy.match(keys, eps) == {eps[0]: 6}
