@@ -23,6 +23,7 @@ from enum import Enum
 import aiohttp
 
 from gateway.metrics import GatewayMetrics
+from gateway.periodic import every
 from router.endpoint import Endpoint
 
 log = logging.getLogger("kvgate.health")
@@ -126,9 +127,4 @@ class HealthChecker:
 
     async def run(self) -> None:
         """A round every `interval` seconds, the first one `interval` from now (startup ran one)."""
-        loop = asyncio.get_running_loop()
-        next_round = loop.time() + self.interval
-        while True:
-            await asyncio.sleep(max(0.0, next_round - loop.time()))
-            next_round = loop.time() + self.interval
-            await self.check_all()
+        await every(self.interval, self.check_all)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 import aiohttp
 
 from gateway.metrics import GatewayMetrics
+from gateway.periodic import every
 from gateway.vllm_metrics import parse_pod_load
 from router.endpoint import Endpoint
 
@@ -65,9 +66,4 @@ class MetricsScraper:
 
     async def run(self) -> None:
         """A round every `interval` seconds, the first one `interval` from now (startup ran one)."""
-        loop = asyncio.get_running_loop()
-        next_round = loop.time() + self.interval
-        while True:
-            await asyncio.sleep(max(0.0, next_round - loop.time()))
-            next_round = loop.time() + self.interval
-            await self.scrape_all()
+        await every(self.interval, self.scrape_all)
