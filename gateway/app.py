@@ -5,12 +5,10 @@ scraper), set up in this order and torn down in reverse."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -23,6 +21,7 @@ from gateway.handlers import CALL_KEY, REQUEST_ID_KEY, add_routes
 from gateway.health import HealthChecker, HealthTracker
 from gateway.metrics import GatewayMetrics
 from gateway.pd_flow import PDFlow, PDMetrics
+from gateway.periodic import rounds
 from gateway.pools import build_pools
 from gateway.proxy import X_REQUEST_ID, Proxy, ProxyCall
 from gateway.scraper import MetricsScraper
@@ -132,7 +131,7 @@ async def pd_ctx(app: web.Application) -> AsyncIterator[None]:
     if pd_models:
         proxy = app[PROXY]
         metrics = PDMetrics(state.metrics.registry, pd_models)
-        proxy.attempt = PDFlow(proxy.attempt, app[SESSION], metrics, state.metrics, state.health).attempt
+        proxy.attempt = PDFlow(proxy.attempt, app[SESSION], metrics, state.health).attempt
     yield
 
 
@@ -154,15 +153,9 @@ async def health_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     cfg = state.config.health
     checker = HealthChecker(
-        app[SESSION],
-        state.pools.endpoints,
-        state.health,
-        interval=cfg.interval,
-        timeout=cfg.timeout,
-        path=cfg.path,
+        app[SESSION], state.pools.endpoints, state.health, timeout=cfg.timeout, path=cfg.path
     )
-    await checker.check_all()
-    async with _background(checker.run(), "health checker"):
+    async with rounds("health checker", cfg.interval, checker.check_all):
         yield
 
 
@@ -174,30 +167,7 @@ async def scraper_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     scraper = MetricsScraper(
-        app[SESSION],
-        state.pools.endpoints,
-        state.metrics,
-        interval=cfg.interval,
-        timeout=cfg.timeout,
-        path=cfg.path,
+        app[SESSION], state.pools.endpoints, state.metrics, timeout=cfg.timeout, path=cfg.path
     )
-    await scraper.scrape_all()
-    async with _background(scraper.run(), "metrics scraper"):
+    async with rounds("metrics scraper", cfg.interval, scraper.scrape_all):
         yield
-
-
-@contextlib.asynccontextmanager
-async def _background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
-    task = asyncio.create_task(coro, name=name)
-    task.add_done_callback(_log_crash)
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task %s crashed", task.get_name(), exc_info=task.exception())

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-Role = Literal["both", "prefill", "decode"]
+from router.endpoint import Role
+from router.pd import DEFAULT_PREFILL_TIMEOUT_S, DEFAULT_THRESHOLD_TOKENS
 
 
 @dataclass(slots=True)
@@ -91,8 +92,10 @@ class PDSpec:
     `compatibility` maps a decode version to the prefill versions (besides its own) it can read.
     """
 
-    threshold_tokens: int = 256  # uncached prompt tokens below which the decode pod prefills itself
-    prefill_timeout_s: float = 10.0  # a prefill step slower than this falls back to local prefill
+    # uncached prompt tokens below which the decode pod prefills itself
+    threshold_tokens: int = DEFAULT_THRESHOLD_TOKENS
+    # a prefill step slower than this falls back to local prefill
+    prefill_timeout_s: float = DEFAULT_PREFILL_TIMEOUT_S
     compatibility: dict[str, list[str]] = field(default_factory=dict)
 
 

@@ -28,10 +28,8 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
 
-    def response(self, headers: dict[str, str] | None = None) -> web.Response:
-        return web.Response(
-            status=self.status, body=self.body(), content_type="application/json", headers=headers
-        )
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body(), content_type="application/json")
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:

@@ -23,7 +23,6 @@ from enum import Enum
 import aiohttp
 
 from gateway.metrics import GatewayMetrics
-from gateway.periodic import every
 from router.endpoint import Endpoint
 
 log = logging.getLogger("kvgate.health")
@@ -38,7 +37,8 @@ class CheckResult(Enum):
 
 
 class HealthTracker:
-    """The one place that changes `Endpoint.healthy` and `consecutive_failures`."""
+    """The one place that changes `Endpoint.healthy` and `consecutive_failures`, and that counts failed
+    upstream attempts (kvgate_upstream_errors)."""
 
     def __init__(self, metrics: GatewayMetrics, eject_after: int, *, eject_after_timeouts: int = 2) -> None:
         self.metrics = metrics
@@ -46,7 +46,10 @@ class HealthTracker:
         self.eject_after_timeouts = eject_after_timeouts
         self._check_timeouts: dict[Endpoint, int] = {}  # consecutive timed-out checks of healthy pods
 
-    def attempt_failed(self, ep: Endpoint) -> None:
+    def attempt_failed(self, ep: Endpoint, kind: str) -> None:
+        """A proxy attempt on `ep` failed; `kind` labels kvgate_upstream_errors (connect, reset, timeout,
+        status_5xx, midstream)."""
+        self.metrics.upstream_errors(ep.url, kind).inc()
         ep.consecutive_failures += 1
         if ep.healthy and ep.consecutive_failures >= self.eject_after:
             self._eject(ep, "passive")
@@ -87,7 +90,8 @@ class HealthTracker:
 
 
 class HealthChecker:
-    """Polls every endpoint's health path each `interval` seconds, concurrently."""
+    """One round (`check_all`) polls every endpoint's health path concurrently; app.health_ctx runs a
+    round every health.interval seconds."""
 
     def __init__(
         self,
@@ -95,14 +99,12 @@ class HealthChecker:
         endpoints: Callable[[], Iterable[Endpoint]],
         tracker: HealthTracker,
         *,
-        interval: float,
         timeout: float,
         path: str = "/health",
     ) -> None:
         self.session = session
         self.endpoints = endpoints
         self.tracker = tracker
-        self.interval = interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.path = path
 
@@ -124,7 +126,3 @@ class HealthChecker:
         for ep, result in zip(eps, results, strict=True):
             self.tracker.check_result(ep, result)
         self.tracker.forget(eps)
-
-    async def run(self) -> None:
-        """A round every `interval` seconds, the first one `interval` from now (startup ran one)."""
-        await every(self.interval, self.check_all)

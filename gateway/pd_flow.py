@@ -29,8 +29,8 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from gateway.health import HealthTracker
-from gateway.metrics import TTFT_BUCKETS, GatewayMetrics, _Children
-from gateway.proxy import Attempt, ProxyCall, UpstreamReply
+from gateway.metrics import TTFT_BUCKETS, _Children
+from gateway.proxy import Attempt, ProxyCall, UpstreamReply, charged_tokens
 from router.pd import GENERATION_PATHS, OUTCOMES, Outcome, PDRouter
 from router.policy import Decision
 
@@ -111,13 +111,11 @@ class PDFlow:
         inner: Attempt,
         session: aiohttp.ClientSession,
         metrics: PDMetrics,
-        gateway_metrics: GatewayMetrics,
         health: HealthTracker,
     ) -> None:
         self.inner = inner
         self.session = session
         self.metrics = metrics
-        self.gateway_metrics = gateway_metrics
         self.health = health
 
     async def attempt(self, call: ProxyCall, decision: Decision) -> UpstreamReply:
@@ -133,8 +131,8 @@ class PDFlow:
         prefill = plan.prefill
         decode = decision.endpoint
         # While the prefill pod works, the decode pod holds no prefill work for this request: take back
-        # what Proxy.attempt_and_relay charged it.
-        charged = max(0, decision.prompt_tokens - decision.cached_tokens)
+        # what ProxyCall.charge gave it for this attempt.
+        charged = charged_tokens(decision)
         decode.in_flight_tokens -= charged
         try:
             params = await self.prefill_step(call, prefill, pd)
@@ -172,13 +170,7 @@ class PDFlow:
         Bookkeeping as for any attempt: policy hooks once each, in-flight counts restored on every exit.
         """
         assert call.body is not None
-        ep = d.endpoint
-        policy = call.pool.policy
-        model = call.pool.model
-        uncached = max(0, d.prompt_tokens - d.cached_tokens)
-        policy.on_routed(call.route, d)
-        ep.in_flight += 1
-        ep.in_flight_tokens += uncached
+        call.charge(d)
         result = "cancelled"
         params: dict[str, Any] | None = None
         start = time.perf_counter()
@@ -186,10 +178,8 @@ class PDFlow:
             result, params = await self._send_prefill(call, d, pd.prefill_timeout_s)
             return params
         finally:
-            ep.in_flight -= 1
-            ep.in_flight_tokens -= uncached
-            self.metrics.prefill_seconds(model, result).observe(time.perf_counter() - start)
-            policy.on_finished(call.route, d, params is not None)
+            self.metrics.prefill_seconds(call.pool.model, result).observe(time.perf_counter() - start)
+            call.discharge(d, params is not None)
 
     async def _send_prefill(
         self, call: ProxyCall, d: Decision, limit_s: float
@@ -230,10 +220,14 @@ class PDFlow:
 
     def _failed(self, d: Decision, kind: str, detail: object, rid: str) -> None:
         ep = d.endpoint
-        self.gateway_metrics.upstream_errors(ep.url, kind).inc()
-        self.health.attempt_failed(ep)
-        log.info("request %s: prefill on %s failed (%s: %s); prefilling on the decode pod", rid, ep.url, kind,
-                 detail)
+        self.health.attempt_failed(ep, kind)
+        log.info(
+            "request %s: prefill on %s failed (%s: %s); prefilling on the decode pod",
+            rid,
+            ep.url,
+            kind,
+            detail,
+        )
 
     def _count(self, call: ProxyCall, outcome: Outcome) -> None:
         self.metrics.decisions(call.pool.model, outcome).inc()

@@ -50,6 +50,7 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Set by the client library for the upstream request itself.
 _NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "x-request-id"}
+_NOT_FORWARDED_UP_AUTH = _NOT_FORWARDED_UP | {"authorization"}  # the gateway checked the client's key
 
 
 class RetryableFailure(Exception):
@@ -82,6 +83,27 @@ class ProxyCall:
             return orjson.dumps(self.body)
         return self.raw_body
 
+    def charge(self, decision: Decision) -> None:
+        """An attempt on `decision.endpoint` starts: policy on_routed, then one more request and its
+        uncached prompt tokens in flight there. Pair with `discharge` in a finally block."""
+        self.pool.policy.on_routed(self.route, decision)
+        ep = decision.endpoint
+        ep.in_flight += 1
+        ep.in_flight_tokens += charged_tokens(decision)
+
+    def discharge(self, decision: Decision, ok: bool) -> None:
+        """The attempt ended (any way at all): in-flight counts restored, then policy on_finished."""
+        ep = decision.endpoint
+        ep.in_flight -= 1
+        ep.in_flight_tokens -= charged_tokens(decision)
+        self.pool.policy.on_finished(self.route, decision, ok)
+
+
+def charged_tokens(decision: Decision) -> int:
+    """The prefill work an attempt adds to its endpoint's in_flight_tokens: the uncached prompt tokens
+    the policy predicted (0 when it predicted nothing)."""
+    return max(0, decision.prompt_tokens - decision.cached_tokens)
+
 
 @dataclass(slots=True)
 class UpstreamReply:
@@ -96,12 +118,10 @@ Attempt = Callable[[ProxyCall, Decision], Awaitable[UpstreamReply]]
 
 def upstream_headers(request: web.Request, request_id: str, *, drop_authorization: bool) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones (and those its Connection header names)."""
-    drop = _NOT_FORWARDED_UP
+    drop = _NOT_FORWARDED_UP_AUTH if drop_authorization else _NOT_FORWARDED_UP
     connection = request.headers.get("Connection")
     if connection:
         drop = drop | {t.strip().lower() for t in connection.split(",")}
-    if drop_authorization:
-        drop = drop | {"authorization"}
     headers: CIMultiDict[str] = CIMultiDict(
         (k, v) for k, v in request.headers.items() if k.lower() not in drop
     )
@@ -161,11 +181,7 @@ class Proxy:
         """One attempt with exact bookkeeping: on_routed and on_finished once each, in-flight counts
         restored on every exit (success, failure, client disconnect, cancellation)."""
         ep = decision.endpoint
-        policy = call.pool.policy
-        uncached = max(0, decision.prompt_tokens - decision.cached_tokens)
-        policy.on_routed(call.route, decision)
-        ep.in_flight += 1
-        ep.in_flight_tokens += uncached
+        call.charge(decision)
         ok = False
         try:
             reply = await self.attempt(call, decision)
@@ -175,9 +191,7 @@ class Proxy:
             ok = completed and 200 <= reply.response.status < 300
             return response
         finally:
-            ep.in_flight -= 1
-            ep.in_flight_tokens -= uncached
-            policy.on_finished(call.route, decision, ok)
+            call.discharge(decision, ok)
 
     async def send_upstream(self, call: ProxyCall, decision: Decision) -> UpstreamReply:
         """Send the call to the decision's endpoint; return once its first chunk arrived.
@@ -282,8 +296,7 @@ class Proxy:
         exc: BaseException,
     ) -> None:
         kind = "timeout" if isinstance(exc, TimeoutError) else "midstream"
-        self.metrics.upstream_errors(ep.url, kind).inc()
-        self.health.attempt_failed(ep)
+        self.health.attempt_failed(ep, kind)
         log.warning("request %s: %s failed mid-answer: %r", call.route.request_id, ep.url, exc)
         if up.headers.get("Content-Type", "").startswith("text/event-stream"):
             await resp.write(errors.sse_error_event(f"the endpoint serving this stream failed: {kind}"))
@@ -292,11 +305,9 @@ class Proxy:
             call.request.transport.close()
 
     def _failed(self, ep: Endpoint, kind: str, detail: object) -> RetryableFailure:
-        self.metrics.upstream_errors(ep.url, kind).inc()
-        self.health.attempt_failed(ep)
+        self.health.attempt_failed(ep, kind)
         return RetryableFailure(kind, f"{ep.url}: {detail}")
 
     def _timed_out(self, ep: Endpoint, exc: BaseException) -> GatewayError:
-        self.metrics.upstream_errors(ep.url, "timeout").inc()
-        self.health.attempt_failed(ep)
+        self.health.attempt_failed(ep, "timeout")
         return errors.upstream_timeout(f"{ep.url} sent nothing for too long")

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable
 import aiohttp
 
 from gateway.metrics import GatewayMetrics
-from gateway.periodic import every
 from gateway.vllm_metrics import parse_pod_load
 from router.endpoint import Endpoint
 
@@ -17,8 +16,9 @@ log = logging.getLogger("kvgate.scraper")
 
 
 class MetricsScraper:
-    """Every `interval` seconds, GET /metrics of every endpoint concurrently; failures count in
-    kvgate_scrape_errors and leave the endpoint's last values in place (health is the checker's job)."""
+    """One round (`scrape_all`) GETs /metrics of every endpoint concurrently (app.scraper_ctx runs a
+    round every scrape.interval seconds); failures count in kvgate_scrape_errors and leave the
+    endpoint's last values in place (health is the checker's job)."""
 
     def __init__(
         self,
@@ -26,14 +26,12 @@ class MetricsScraper:
         endpoints: Callable[[], Iterable[Endpoint]],
         metrics: GatewayMetrics,
         *,
-        interval: float,
         timeout: float,
         path: str = "/metrics",
     ) -> None:
         self.session = session
         self.endpoints = endpoints
         self.metrics = metrics
-        self.interval = interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.path = path
 
@@ -63,7 +61,3 @@ class MetricsScraper:
 
     async def scrape_all(self) -> None:
         await asyncio.gather(*(self.scrape(ep) for ep in self.endpoints()))
-
-    async def run(self) -> None:
-        """A round every `interval` seconds, the first one `interval` from now (startup ran one)."""
-        await every(self.interval, self.scrape_all)

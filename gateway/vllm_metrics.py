@@ -58,10 +58,10 @@ def parse_pod_load(text: str) -> PodLoad:
     load.running = int(sum(_value(line) for line in _series(text, RUNNING)))
     usage = [_value(line) for line in _series(text, KV_USAGE)]
     load.kv_usage = max(usage) if usage else 0.0
-    for line in _series(text, CACHE_CONFIG):
+    config = _series(text, CACHE_CONFIG)
+    if config:  # an info metric: its first series carries the labels
         for label, pattern in _LABEL_INT.items():
-            m = pattern.search(line)
+            m = pattern.search(config[0])
             if m:
                 setattr(load, label, int(m.group(1)))
-        break
     return load

@@ -64,10 +64,6 @@ class PDPlan:
     prefill: Decision | None = None
 
 
-def is_decode_capable(ep: Endpoint) -> bool:
-    return ep.role != "prefill"
-
-
 def is_pd_pool(endpoints: Iterable[Endpoint]) -> bool:
     """A pool splits requests when it has at least one prefill pod."""
     return any(ep.role == "prefill" for ep in endpoints)
