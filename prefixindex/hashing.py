@@ -72,10 +72,3 @@ def chain_keys(data: memoryview, width: int, n: int, parent: int) -> list[int]:
         append(key)
     return out
 
-
-def continue_keys(tokens: Sequence[int], block_size: int, parent: int) -> list[int]:
-    """Keys of consecutive full blocks `tokens` chained after the block whose key is `parent`.
-
-    Used to translate a KV event's BlockStored (a run of blocks and the key of the block before it).
-    """
-    return block_keys(tokens, block_size, parent)

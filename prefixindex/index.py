@@ -27,20 +27,17 @@ _KEY_BYTES = 32  # sys.getsizeof of a 60-bit int
 class _Slot:
     """One pod's bookkeeping: its bit position, how many blocks it holds, its ring if bounded."""
 
-    __slots__ = ("capacity", "fill", "hand", "held", "index", "pod", "ring")
+    __slots__ = ("capacity", "fill", "hand", "held", "held_bit", "index", "pod", "ring")
 
     def __init__(self, pod: Hashable, index: int, capacity: int | None) -> None:
         self.pod = pod
         self.index = index
+        self.held_bit = 1 << (2 * index)  # read on every match: a plain attribute, not a property
         self.held = 0
         self.capacity = capacity
         self.ring: array | None = array("Q", bytes(8 * capacity)) if capacity else None
         self.fill = 0
         self.hand = 0
-
-    @property
-    def held_bit(self) -> int:
-        return 1 << (2 * self.index)
 
 
 class BlockIndex:

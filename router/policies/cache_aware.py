@@ -344,13 +344,10 @@ class CacheAwarePolicy(Policy):
 
     @staticmethod
     def _ensure_pod(index: BlockIndex, ep: Endpoint, capacity: int) -> None:
-        if ep not in index:
-            index.add_pod(ep, capacity)
-        elif index.capacity(ep) != capacity:
-            index.set_capacity(ep, capacity)
+        index.add_pod(ep, capacity)  # adds `ep`, or only updates its capacity when it is known
 
     def _learn_block_size_from(self, candidates: Sequence[Endpoint]) -> None:
-        if self._fixed_block_size is None:
+        if self._fixed_block_size is None and not self._learned_block_size:
             for ep in candidates:
                 if ep.block_size:
                     self._accept_block_size(ep.block_size)
