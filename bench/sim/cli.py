@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from bench.sim.config import SimConfig
+from bench.sim.config import ROLES, SimConfig
 from bench.sim.fleet import FLEET_TOPIC, READY_PREFIX, SimFleet, SimFleetProcess
 
 
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.name == "role":
-            parser.add_argument(flag, choices=["both", "prefill", "decode"], default=default, help=help_text)
+            parser.add_argument(flag, choices=ROLES, default=default, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=default, help=help_text)
 

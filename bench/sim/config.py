@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Role = Literal["both", "prefill", "decode"]
+ROLES: tuple[str, ...] = get_args(Role)
 
 
 def _opt(default: Any, help_text: str) -> Any:
@@ -90,11 +91,8 @@ class SimConfig:
             raise ValueError("itl_ms, itl_ms_per_seq and kv_hold_s must not be negative")
         if not 0 <= self.jitter < 1:
             raise ValueError("jitter must be in [0, 1)")
-        if self.role not in ("both", "prefill", "decode"):
+        if self.role not in ROLES:
             raise ValueError(f"unknown role {self.role!r}")
-
-    def replace(self, **changes: Any) -> SimConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def config_fields() -> list[dataclasses.Field]:

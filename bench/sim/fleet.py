@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, Self
 
 import orjson
 
@@ -46,7 +46,29 @@ def pod_configs(
     return configs
 
 
-class SimFleet:
+def _pod_port(port_base: int, i: int) -> int:
+    """Pod i's port: port_base + i, or 0 (the OS chooses) when port_base is 0."""
+    return port_base + i if port_base else 0
+
+
+class _Fleet:
+    """What both fleets share: `urls`, and `async with` running the subclass's start() and stop()."""
+
+    pods: Sequence[SimPod | SimProcess]
+
+    @property
+    def urls(self) -> list[str]:
+        return [pod.url for pod in self.pods]
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class SimFleet(_Fleet):
     """`async with SimFleet(n, model=..., **pod options) as fleet:` n pods in the current event loop.
 
     `port_base` 0 lets the OS choose each port; otherwise pods take port_base, port_base+1, ...
@@ -62,20 +84,13 @@ class SimFleet:
         per_pod: Sequence[Mapping[str, Any]] | None = None,
         **options: Any,
     ) -> None:
-        self.configs = pod_configs(n, per_pod, options)
-        self.host = host
-        self.port_base = port_base
         tokenizers: dict[str | None, Tokenizer] = {}
         self.pods: list[SimPod] = []
-        for i, config in enumerate(self.configs):
+        for i, config in enumerate(pod_configs(n, per_pod, options)):
             if config.tokenizer not in tokenizers:  # one tokenizer per path, shared by the pods
                 tokenizers[config.tokenizer] = load_tokenizer(config.tokenizer)
-            port = port_base + i if port_base else 0
-            self.pods.append(SimPod(config, host=host, port=port, tokenizer=tokenizers[config.tokenizer]))
-
-    @property
-    def urls(self) -> list[str]:
-        return [pod.url for pod in self.pods]
+            tokenizer = tokenizers[config.tokenizer]
+            self.pods.append(SimPod(config, host=host, port=_pod_port(port_base, i), tokenizer=tokenizer))
 
     def ready_infos(self) -> list[dict[str, Any]]:
         return [pod.ready_info() for pod in self.pods]
@@ -91,13 +106,6 @@ class SimFleet:
     async def stop(self) -> None:
         for pod in self.pods:
             await pod.stop()
-
-    async def __aenter__(self) -> SimFleet:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 def config_to_args(config: SimConfig) -> list[str]:
@@ -187,7 +195,7 @@ class SimProcess:
                     self.proc.stdout.feed_eof()
 
 
-class SimFleetProcess:
+class SimFleetProcess(_Fleet):
     """Same arguments as SimFleet; each pod is a real `kvgate sim` subprocess that tests can kill."""
 
     def __init__(
@@ -199,14 +207,10 @@ class SimFleetProcess:
         per_pod: Sequence[Mapping[str, Any]] | None = None,
         **options: Any,
     ) -> None:
-        configs = pod_configs(n, per_pod, options)
         self.pods = [
-            SimProcess(config, host, port_base + i if port_base else 0) for i, config in enumerate(configs)
+            SimProcess(config, host, _pod_port(port_base, i))
+            for i, config in enumerate(pod_configs(n, per_pod, options))
         ]
-
-    @property
-    def urls(self) -> list[str]:
-        return [pod.url for pod in self.pods]
 
     def ready_infos(self) -> list[dict[str, Any]]:
         return [pod.info for pod in self.pods]
@@ -228,10 +232,3 @@ class SimFleetProcess:
 
     async def stop(self) -> None:
         await asyncio.gather(*(pod.terminate() for pod in self.pods), return_exceptions=True)
-
-    async def __aenter__(self) -> SimFleetProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()

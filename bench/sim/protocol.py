@@ -219,7 +219,7 @@ def chat_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
 
 
 def parse_generation(
-    body: Mapping[str, Any], *, chat: bool, tokenizer: Tokenizer, max_model_len: int, vocab_size: int
+    body: Mapping[str, Any], *, chat: bool, tokenizer: Tokenizer, max_model_len: int
 ) -> GenRequest:
     """Validate a /v1/completions or /v1/chat/completions body as vLLM 0.32 does (the sim's subset)."""
     stream = lax_bool(body, "stream", False)
@@ -265,6 +265,7 @@ def parse_generation(
     else:
         prompts, from_text = _prompts(body, tokenizer)
     max_tokens = []
+    vocab_size = tokenizer.vocab_size
     for ids in prompts:
         if not ids:
             raise invalid("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")

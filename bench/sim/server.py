@@ -84,11 +84,16 @@ def _error(exc: p.APIError) -> web.Response:
 ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 
 
+def _engine_dead() -> p.APIError:
+    """vLLM's EngineDeadError as the API reports it."""
+    return p.APIError(ENGINE_DEAD, 500, "InternalServerError")
+
+
 def _engine(pod: SimPod) -> SimEngine:
     if pod.engine is None:
         raise p.APIError("The engine is not running", 503, "ServiceUnavailableError")
     if pod.dead:
-        raise p.APIError(ENGINE_DEAD, 500, "InternalServerError")
+        raise _engine_dead()
     return pod.engine
 
 
@@ -107,10 +112,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         engine = _engine(pod)
         body = p.parse_json_body(await request.read())
         p.check_model(body, cfg.model)
-        gen = p.parse_generation(
-            body, chat=chat, tokenizer=pod.tokenizer, max_model_len=cfg.max_model_len,
-            vocab_size=pod.tokenizer.vocab_size,
-        )
+        gen = p.parse_generation(body, chat=chat, tokenizer=pod.tokenizer, max_model_len=cfg.max_model_len)
         # A plain pod (role "both") has no KV connector and ignores kv_transfer_params, as vLLM does;
         # prefill and decode pods behave as vLLM with NixlConnector (kv_both): either side works.
         do_remote_decode, remote_prefill = (
@@ -143,7 +145,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
             while not req.finished:
                 await req.wait()
         if pod.dead:  # the engine died under the request
-            return _error(p.APIError(ENGINE_DEAD, 500, "InternalServerError"))
+            return _error(_engine_dead())
         return _json(_full_response(pod, gen, reqs, rid), headers=headers)
     finally:
         for req in reqs:
@@ -208,7 +210,7 @@ async def _stream(
             if not new and finish is None:
                 continue
             if finish == "abort" and pod.dead:  # vLLM streams the error, then [DONE]
-                await resp.write(_sse(p.APIError(ENGINE_DEAD, 500, "InternalServerError").body()))
+                await resp.write(_sse(_engine_dead().body()))
                 await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
                 return resp
