@@ -17,7 +17,6 @@ the share of gaps over 50 ms (decode steps stretched by a prefill), and the gate
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import orjson
 
 from bench.loadgen.harness import warmup_workload
 from bench.loadgen.routers import RouterProcess, RouterSpec
-from bench.loadgen.runner import run_workload
+from bench.loadgen.runner import run_async, run_workload
 from bench.loadgen.stats import Dist, RunSummary, summarize
 from bench.sim.fleet import SimFleetProcess
 from bench.workloads.arrivals import ClosedLoop, OpenLoop
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kvgate-pd-") as tmp:
         log_dir = (args.out or Path(tmp)) / "logs"
-        results = asyncio.run(compare(args, log_dir))
+        results = run_async(compare(args, log_dir))
     print(format_results(results))
     if args.out is not None:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -18,15 +18,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import time
-from collections.abc import Sequence
+from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
+
+from bench.loadgen.procs import ChildProcess
+from bench.loadgen.routers import RouterProcess, RouterSpec
+from bench.loadgen.runner import run_async
+from bench.loadgen.stats import percentile
 
 READY = "PROXY_OVERHEAD_UPSTREAM_READY"
 PLAIN_BODY = b'{"model":"m","prompt":"Hello world","max_tokens":4,"stream":false}'
@@ -74,7 +79,8 @@ async def serve_upstream(port: int) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    print(f"{READY} http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    print(f"{READY} " + orjson.dumps({"url": url}).decode(), flush=True)
     await asyncio.Event().wait()
 
 
@@ -88,35 +94,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-async def start_process(args: Sequence[str], ready_prefix: str) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    assert proc.stdout is not None
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        if not line:
-            raise RuntimeError(f"{args[:4]} exited before it was ready")
-        if line.startswith(ready_prefix):
-            payload = line[len(ready_prefix) :].strip()
-            url = orjson.loads(payload)["url"] if payload.startswith("{") else payload
-            return proc, url
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def one_request(session: aiohttp.ClientSession, url: str, stream: bool) -> float:
     """Seconds to the whole answer (stream=False) or to the first chunk (stream=True)."""
-    body = b'{"model":"m","prompt":"Hello world","max_tokens":4,"stream":' + (
-        b"true}" if stream else b"false}"
-    )
+    body = STREAM_BODY if stream else PLAIN_BODY
     start = time.perf_counter()
-    async with session.post(
-        url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    ) as r:
+    async with session.post(url + "/v1/completions", data=body, headers=JSON_HEADERS) as r:
         if r.status != 200:
             raise RuntimeError(f"{url}: HTTP {r.status}")
         if stream:
@@ -162,50 +144,50 @@ async def load_phase(session: aiohttp.ClientSession, gateway: str, seconds: floa
     return done
 
 
-async def measure(opts: argparse.Namespace) -> dict[str, Any]:
-    procs: list[asyncio.subprocess.Process] = []
+def _pid(child: ChildProcess) -> int:
+    assert child.proc is not None, "started"
+    return child.proc.pid
+
+
+async def measure(opts: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    pods: list[ChildProcess] = []
+    gateway: RouterProcess | None = None
     try:
-        pods = []
-        for _ in range(opts.pods):
-            proc, url = await start_process(
-                [sys.executable, "-m", "bench.proxy_overhead", "--serve-upstream"], READY
-            )
-            procs.append(proc)
-            pods.append((proc, url))
-        gw_args = [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--model", "m",
-                   "--policy", opts.policy, "--log-level", "WARNING"]  # fmt: skip
-        for _, url in pods:
-            gw_args += ["--backend", url]
-        gw_proc, gw_url = await start_process(gw_args, "KVGATE_SERVE_READY ")
-        procs.append(gw_proc)
+        urls = []
+        for i in range(opts.pods):
+            pod = ChildProcess([sys.executable, "-m", "bench.proxy_overhead", "--serve-upstream"],
+                               log_dir / f"pod-{i}.log", env={"PYTHONUNBUFFERED": "1"})
+            pods.append(pod)
+            urls.append(str((await pod.start(READY, 30.0))["url"]))
+        gateway = RouterProcess(RouterSpec(opts.policy), urls, "m", log_dir)
+        gw_url = await gateway.start(30.0)
+        gw_pid = _pid(gateway.process)
+        pod_pids = [_pid(p) for p in pods]
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector) as session:
-            urls = [u for _, u in pods]
             await latency_phase(session, urls, gw_url, 200, opts.concurrency)  # warm-up
-            gw_cpu0, pod_cpu0 = cpu_seconds(gw_proc.pid), sum(cpu_seconds(p.pid) for p, _ in pods)
+            gw_cpu0, pod_cpu0 = cpu_seconds(gw_pid), sum(map(cpu_seconds, pod_pids))
             samples = await latency_phase(session, urls, gw_url, opts.requests, opts.concurrency)
-            gw_cpu = cpu_seconds(gw_proc.pid) - gw_cpu0
-            pod_cpu = sum(cpu_seconds(p.pid) for p, _ in pods) - pod_cpu0
-            load_cpu0 = cpu_seconds(gw_proc.pid)
+            gw_cpu = cpu_seconds(gw_pid) - gw_cpu0
+            pod_cpu = sum(map(cpu_seconds, pod_pids)) - pod_cpu0
+            load_cpu0 = cpu_seconds(gw_pid)
             load_start = time.perf_counter()
             load_done = await load_phase(session, gw_url, opts.load_seconds, opts.load_concurrency)
             load_wall = time.perf_counter() - load_start
-            load_cpu = cpu_seconds(gw_proc.pid) - load_cpu0
+            load_cpu = cpu_seconds(gw_pid) - load_cpu0
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.terminate()
-        for proc in procs:
-            await proc.wait()
+        if gateway is not None:
+            await gateway.stop()
+        await asyncio.gather(*(p.stop() for p in pods))
     n_gateway = sum(len(v) for v in samples["gateway"].values())
     result: dict[str, Any] = {"pods": opts.pods, "requests_per_mode": n_gateway, "policy": opts.policy}
     for kind in ("full", "ttft"):
         d, g = samples["direct"][kind], samples["gateway"][kind]
         result[kind] = {
-            "direct_p50_ms": 1e3 * statistics.median(d),
-            "gateway_p50_ms": 1e3 * statistics.median(g),
-            "direct_p99_ms": 1e3 * percentile(d, 0.99),
-            "gateway_p99_ms": 1e3 * percentile(g, 0.99),
+            "direct_p50_ms": 1e3 * _pct(d, 50),
+            "gateway_p50_ms": 1e3 * _pct(g, 50),
+            "direct_p99_ms": 1e3 * _pct(d, 99),
+            "gateway_p99_ms": 1e3 * _pct(g, 99),
         }
         r = result[kind]
         r["added_p50_ms"] = r["gateway_p50_ms"] - r["direct_p50_ms"]
@@ -222,6 +204,12 @@ async def measure(opts: argparse.Namespace) -> dict[str, Any]:
         "gateway_cpu_utilisation": load_cpu / load_wall,
     }
     return result
+
+
+def _pct(values: list[float], q: float) -> float:
+    p = percentile(values, q)
+    assert p is not None, "every mode has samples"
+    return p
 
 
 def report(result: dict[str, Any]) -> str:
@@ -263,16 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
-    try:
-        import uvloop
-
-        run = uvloop.run
-    except ImportError:
-        run = asyncio.run
     if opts.serve_upstream:
-        run(serve_upstream(opts.port))
+        run_async(serve_upstream(opts.port))
         return 0
-    result = run(measure(opts))
+    with TemporaryDirectory(prefix="kvgate-overhead-") as tmp:
+        result = run_async(measure(opts, Path(tmp)))
     print(report(result))
     if opts.out:
         with open(opts.out, "wb") as f:

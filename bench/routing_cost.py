@@ -69,7 +69,7 @@ def measure(tokens: int, pods: int, repeat: int, seed: int = 0) -> dict[str, flo
         "tokens": len(prompt.tokens),
         "blocks": len(keys),
         "tokenize_us": _median_us(lambda: extract_prompt(body, "/v1/completions", tok, "m"), repeat),
-        "hash_us": _median_us(lambda: block_keys(prompt.tokens, 16, prompt.root), repeat),
+        "hash_us": _median_us(lambda: block_keys(prompt.tokens, policy.block_size, prompt.root), repeat),
         "lookup_us": _median_us(lambda: policy.index.match(keys, eps), repeat),
         "score_us": _median_us(lambda: combine(policy.scorers, scored, eps), repeat),
         "decision_us": _median_us(decision, repeat),
