@@ -8,7 +8,9 @@ Rules:
 - active, timeout: weaker evidence (a pod starved of CPU answers slowly but still serves), so only
   `eject_after_timeouts` consecutive timed-out checks eject it (with the default 2, a hung pod is out
   within two intervals plus the timeout);
-- one successful active check re-admits an ejected pod and clears its failure counts.
+- one successful active check re-admits an ejected pod and clears its failure counts;
+- a healthy pod that answered a proxied request within the last interval is not probed: its traffic is
+  the check (a probe costs the pod's API server CPU time it would spend on requests).
 Ejecting every pod of a pool does not stop it serving: Pool.candidates then routes over all of them
 (panic mode).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from enum import Enum
 
@@ -40,11 +43,20 @@ class HealthTracker:
     """The one place that changes `Endpoint.healthy` and `consecutive_failures`, and that counts failed
     upstream attempts (kvgate_upstream_errors)."""
 
-    def __init__(self, metrics: GatewayMetrics, eject_after: int, *, eject_after_timeouts: int = 2) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        eject_after: int,
+        *,
+        eject_after_timeouts: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.metrics = metrics
+        self.clock = clock
         self.eject_after = eject_after
         self.eject_after_timeouts = eject_after_timeouts
         self._check_timeouts: dict[Endpoint, int] = {}  # consecutive timed-out checks of healthy pods
+        self.last_success: dict[Endpoint, float] = {}  # monotonic time of the last answered attempt
 
     def attempt_failed(self, ep: Endpoint, kind: str) -> None:
         """A proxy attempt on `ep` failed; `kind` labels kvgate_upstream_errors (connect, reset, timeout,
@@ -56,6 +68,12 @@ class HealthTracker:
 
     def attempt_succeeded(self, ep: Endpoint) -> None:
         ep.consecutive_failures = 0
+        self.last_success[ep] = self.clock()
+
+    def recently_answered(self, ep: Endpoint, within: float) -> bool:
+        """Whether a proxied request to `ep` got an answer in the last `within` seconds."""
+        last = self.last_success.get(ep)
+        return last is not None and self.clock() - last < within
 
     def check_result(self, ep: Endpoint, result: CheckResult) -> None:
         """Apply one active check's outcome (see the module docstring for the rules)."""
@@ -81,6 +99,8 @@ class HealthTracker:
         live = set(keep)
         for ep in [ep for ep in self._check_timeouts if ep not in live]:
             del self._check_timeouts[ep]
+        for ep in [ep for ep in self.last_success if ep not in live]:
+            del self.last_success[ep]
 
     def _eject(self, ep: Endpoint, cause: str) -> None:
         ep.healthy = False
@@ -101,16 +121,22 @@ class HealthChecker:
         *,
         timeout: float,
         path: str = "/health",
+        interval: float = 0.0,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.session = session
         self.endpoints = endpoints
         self.tracker = tracker
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.path = path
+        self.interval = interval  # > 0: skip healthy pods that answered traffic within it
+        self.metrics = metrics
 
     async def check(self, ep: Endpoint) -> CheckResult:
         """GET the health path once. A connect timeout counts as TIMEOUT too: a pod whose accept queue
         is full under load looks the same as a slow answer."""
+        if self.metrics is not None:
+            self.metrics.probes(ep.url, "health").inc()
         try:
             async with self.session.get(ep.url + self.path, timeout=self.timeout) as resp:
                 await resp.read()
@@ -121,8 +147,10 @@ class HealthChecker:
             return CheckResult.FAILED
 
     async def check_all(self) -> None:
-        eps = list(self.endpoints())
+        live = list(self.endpoints())
+        recent = self.tracker.recently_answered
+        eps = [ep for ep in live if not (self.interval and ep.healthy and recent(ep, self.interval))]
         results = await asyncio.gather(*(self.check(ep) for ep in eps))
         for ep, result in zip(eps, results, strict=True):
             self.tracker.check_result(ep, result)
-        self.tracker.forget(eps)
+        self.tracker.forget(live)

@@ -105,6 +105,14 @@ class GatewayMetrics:
                 registry=registry,
             )
         )
+        self.probes = _Children(
+            Counter(
+                "kvgate_probes",
+                "Requests the gateway itself sent a pod (kind: health, metrics): what watching it costs.",
+                ["endpoint", "kind"],
+                registry=registry,
+            )
+        )
         self.decisions = _Children(
             Counter(
                 "kvgate_routing_decisions",

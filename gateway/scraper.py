@@ -37,6 +37,7 @@ class MetricsScraper:
 
     async def scrape(self, ep: Endpoint) -> bool:
         """Poll one endpoint; True when its fields were updated."""
+        self.metrics.probes(ep.url, "metrics").inc()
         try:
             async with self.session.get(ep.url + self.path, timeout=self.timeout) as resp:
                 if resp.status != 200:
