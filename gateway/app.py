@@ -153,7 +153,13 @@ async def health_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     cfg = state.config.health
     checker = HealthChecker(
-        app[SESSION], state.pools.endpoints, state.health, timeout=cfg.timeout, path=cfg.path
+        app[SESSION],
+        state.pools.endpoints,
+        state.health,
+        timeout=cfg.timeout,
+        path=cfg.path,
+        interval=cfg.interval,
+        metrics=state.metrics,
     )
     async with rounds("health checker", cfg.interval, checker.check_all):
         yield
