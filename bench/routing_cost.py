@@ -1,4 +1,4 @@
-"""Routing decision cost of the cache-aware policy: tokenize, hash, lookup, score, for long prompts.
+"""Routing decision cost of the weighted policy: tokenize, hash, lookup, score, for long prompts.
 
     .venv/bin/python -m bench.routing_cost [--pods 8] [--sizes 1024 8192 32768] [--repeat 200] [--json]
 
@@ -24,10 +24,11 @@ from prefixindex.hashing import block_keys
 from prefixindex.prompt import extract_prompt
 from prefixindex.tokenizer import WordTokenizer
 from router.endpoint import Endpoint
-from router.policies.cache_aware import CacheAwarePolicy
+from router.policies.weighted import WeightedPolicy
 from router.policy import RouteRequest
+from router.prefix_cache import PrefixCache, PrefixCacheConfig
+from router.route_state import PrefixMatch, RouteState
 from router.scorers import combine
-from router.scorers.prefix import PREFIX_MATCH, PrefixMatch
 
 
 def _median_us(fn: Callable[[], object], repeat: int) -> float:
@@ -47,30 +48,31 @@ def measure(tokens: int, pods: int, repeat: int, seed: int = 0) -> dict[str, flo
     eps = [Endpoint(f"http://10.0.0.{i}:8000", "m") for i in range(pods)]
     for i, ep in enumerate(eps):
         ep.in_flight, ep.waiting, ep.kv_usage, ep.last_scrape = i % 3, i % 2, 0.1 * i, 1.0
-    policy = CacheAwarePolicy("m", tokenizer=tok, capacity=200_000, registry=CollectorRegistry(), seed=seed)
+    registry = CollectorRegistry()
+    cache = PrefixCache("m", PrefixCacheConfig(capacity=200_000), tokenizer=tok, registry=registry)
+    policy = WeightedPolicy(cache, seed=seed)
     body = {"model": "m", "prompt": text}
     for ep in eps:  # background: 100k blocks on the pods
-        policy._ensure_pod(policy.index, ep, 200_000)
-        policy.index.insert(ep, [rng.getrandbits(60) | 1 for _ in range(100_000 // pods)])
+        cache.index.add_pod(ep, 200_000)
+        cache.index.insert(ep, [rng.getrandbits(60) | 1 for _ in range(100_000 // pods)])
     prompt = extract_prompt(body, "/v1/completions", tok, "m")
-    keys = block_keys(prompt.tokens, policy.block_size, prompt.root)
+    keys = block_keys(prompt.tokens, cache.block_size, prompt.root)
     half = keys[: len(keys) // 2]
-    policy.index.insert(eps[0], half)
-    policy.index.insert(eps[1], half[: len(half) // 2])
+    cache.index.insert(eps[0], half)
+    cache.index.insert(eps[1], half[: len(half) // 2])
 
     def decision() -> None:
-        r = RouteRequest("r", "m", "/v1/completions", body, {})
-        r.scratch["cache_aware.prompt"] = prompt  # tokens known: time hash + lookup + score
-        policy.pick(r, eps)
+        read = RouteState(prompt=prompt, prompt_read=True)  # tokens known: time hash + lookup + score
+        policy.pick(RouteRequest("r", "m", "/v1/completions", body, {}, state=read), eps)
 
     scored = RouteRequest("r", "m", "/v1/completions", body, {})
-    scored.scratch[PREFIX_MATCH] = PrefixMatch(len(keys), policy.index.match(keys, eps))
+    scored.state.prefix = PrefixMatch(len(keys), cache.index.match(keys, eps))  # type: ignore[arg-type]
     return {
         "tokens": len(prompt.tokens),
         "blocks": len(keys),
         "tokenize_us": _median_us(lambda: extract_prompt(body, "/v1/completions", tok, "m"), repeat),
-        "hash_us": _median_us(lambda: block_keys(prompt.tokens, policy.block_size, prompt.root), repeat),
-        "lookup_us": _median_us(lambda: policy.index.match(keys, eps), repeat),
+        "hash_us": _median_us(lambda: block_keys(prompt.tokens, cache.block_size, prompt.root), repeat),
+        "lookup_us": _median_us(lambda: cache.index.match(keys, eps), repeat),
         "score_us": _median_us(lambda: combine(policy.scorers, scored, eps), repeat),
         "decision_us": _median_us(decision, repeat),
     }

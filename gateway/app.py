@@ -136,16 +136,19 @@ async def pd_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def policies_ctx(app: web.Application) -> AsyncIterator[None]:
-    pools = list(app[STATE].pools)
-    started = []
+    """Each pool's prefix cache (KV-event subscribers), then its policy; closed in reverse order."""
+    started: list[Callable[[], Awaitable[None]]] = []
     try:
-        for pool in pools:
+        for pool in app[STATE].pools:
+            if pool.prefix_cache is not None:
+                await pool.prefix_cache.start(pool.endpoints)
+                started.append(pool.prefix_cache.close)
             await pool.policy.start(pool.endpoints)
-            started.append(pool)
+            started.append(pool.policy.close)
         yield
     finally:
-        for pool in reversed(started):
-            await pool.policy.close()
+        for close in reversed(started):
+            await close()
 
 
 async def health_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -1,9 +1,11 @@
-"""Pools: per model, the live Endpoint objects and the policy that chooses among them."""
+"""Pools: per model, the live Endpoint objects, the policy that chooses among them and, for a policy
+that routes by prefix, the pool's PrefixCache (owned here, started and closed by the app)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -12,7 +14,10 @@ from prefixindex.tokenizer import load_tokenizer
 from router.endpoint import Endpoint
 from router.pd import PDRouter, VersionCompatibility, is_pd_pool
 from router.policy import Policy, PolicyContext
-from router.registry import build_policy
+from router.registry import build_policy, build_prefix_cache
+
+if TYPE_CHECKING:
+    from router.prefix_cache import PrefixCache
 
 
 @dataclass(slots=True, eq=False)
@@ -22,6 +27,7 @@ class Pool:
     policy: Policy
     endpoints: list[Endpoint]
     pd: PDRouter | None = None  # set for a pool with prefill pods (prefill/decode disaggregation)
+    prefix_cache: PrefixCache | None = None  # set when the policy class has `uses_prefix_cache`
 
     def candidates(self, tried: list[Endpoint], panic_threshold: float = 0.0) -> tuple[list[Endpoint], bool]:
         """Endpoints that may take a whole request now, and whether the pool is in panic mode.
@@ -38,10 +44,12 @@ class Pool:
         return [ep for ep in eligible if (panic or ep.healthy) and ep not in tried], panic
 
     def update_endpoints(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
-        """Change the pool's pods (discovery, rolling updates) and tell the policy. Requests already
-        routed to a removed pod finish or fail on their own; new ones never see it."""
+        """Change the pool's pods (discovery, rolling updates) and tell the prefix cache and the policy.
+        Requests already routed to a removed pod finish or fail on their own; new ones never see it."""
         gone = set(removed)
         self.endpoints = [ep for ep in self.endpoints if ep not in gone] + list(added)
+        if self.prefix_cache is not None:
+            self.prefix_cache.endpoints_changed(added, removed)
         self.policy.endpoints_changed(added, removed)
 
 
@@ -63,7 +71,8 @@ class Pools:
 
 
 def build_pool(spec: PoolSpec, registry: CollectorRegistry, seed: int | None) -> Pool:
-    """Endpoints and policy of one pool; a bad policy name or parameter raises router.registry.PolicyError."""
+    """Endpoints, prefix cache and policy of one pool; a bad policy name or parameter raises
+    router.registry.PolicyError."""
     endpoints = [
         Endpoint(
             url=e.url,
@@ -76,11 +85,14 @@ def build_pool(spec: PoolSpec, registry: CollectorRegistry, seed: int | None) ->
         )
         for e in spec.endpoints
     ]
-    ctx = PolicyContext(
-        model=spec.model, registry=registry, tokenizer=spec.tokenizer, block_size=spec.block_size, seed=seed
-    )
-    policy = build_policy(spec.policy.name, spec.policy.params, ctx)
-    return Pool(spec.model, spec.policy.name, policy, endpoints, build_pd_router(spec, endpoints))
+    name = spec.policy.name
+    cache, params = build_prefix_cache(
+        name, spec.policy.params, model=spec.model, registry=registry,
+        tokenizer=spec.tokenizer, block_size=spec.block_size,
+    )  # fmt: skip
+    ctx = PolicyContext(model=spec.model, registry=registry, seed=seed, prefix_cache=cache)
+    policy = build_policy(name, params, ctx)
+    return Pool(spec.model, name, policy, endpoints, build_pd_router(spec, endpoints), cache)
 
 
 def build_pd_router(spec: PoolSpec, endpoints: list[Endpoint]) -> PDRouter | None:

@@ -34,7 +34,6 @@ DEFAULT_THRESHOLD_TOKENS: Final = 256
 DEFAULT_PREFILL_TIMEOUT_S: Final = 10.0
 # The OpenAI routes whose requests run a prefill; everything else (tokenize, models, ...) goes whole.
 GENERATION_PATHS: Final = frozenset({"/v1/completions", "/v1/chat/completions"})
-_PROMPT_TOKENS = "pd.prompt_tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +115,11 @@ class PDRouter:
         return PDPlan("disaggregated", uncached, policy.pick(request, candidates))
 
     def _count_prompt(self, request: RouteRequest) -> int:
-        scratch = request.scratch
-        n = scratch.get(_PROMPT_TOKENS)
-        if n is None:
+        """The prompt's tokens, counted once per request."""
+        state = request.state
+        if state.counted_tokens is None:
             try:
-                n = len(prompt_tokens(request.body, request.path, self.tokenizer))
+                state.counted_tokens = len(prompt_tokens(request.body, request.path, self.tokenizer))
             except (PromptError, TypeError, ValueError):
-                n = 0
-            scratch[_PROMPT_TOKENS] = n
-        return n
+                state.counted_tokens = 0
+        return state.counted_tokens

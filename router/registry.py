@@ -2,16 +2,26 @@
 
 Nothing registers itself on import (STYLE.md habit 2): adding a policy is one line here. Lazy imports
 keep `kvgate serve --policy round_robin` from loading the prefix index, and let a policy whose module
-is missing or broken fail with a clear message only when it is actually asked for.
+is missing or broken fail with a clear message only when it is actually asked for. One class may be
+registered under several names: the name it was built under reaches it as `PolicyContext.name`.
+
+A policy class with `uses_prefix_cache` gets a PrefixCache built by `build_prefix_cache` from the
+cache's share of the same params (`index`, `block_size`, ...; router/prefix_cache.py).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
 
 from router.policy import Policy, PolicyContext
+
+if TYPE_CHECKING:
+    from router.prefix_cache import PrefixCache
 
 POLICIES: dict[str, str] = {
     "round_robin": "router.policies.round_robin:RoundRobinPolicy",
@@ -19,7 +29,8 @@ POLICIES: dict[str, str] = {
     "least_request": "router.policies.least_request:LeastRequestPolicy",
     "power_of_two": "router.policies.power_of_two:PowerOfTwoPolicy",
     "session": "router.policies.session:SessionPolicy",
-    "cache_aware": "router.policies.cache_aware:CacheAwarePolicy",
+    "weighted": "router.policies.weighted:WeightedPolicy",
+    "cache_aware": "router.policies.weighted:WeightedPolicy",  # for now: the TTFT policy replaces it
 }
 
 
@@ -46,9 +57,33 @@ def policy_class(name: str) -> type[Policy]:
 
 
 def build_policy(name: str, params: Mapping[str, Any], ctx: PolicyContext) -> Policy:
-    """Instantiate policy `name` from its config `params`; bad parameters raise PolicyError."""
+    """Instantiate policy `name` from its config `params` (for a policy using a prefix cache: what
+    `build_prefix_cache` left of them, with the cache in `ctx`); bad parameters raise PolicyError."""
     cls = policy_class(name)
     try:
-        return cls.from_config(dict(params), ctx)
+        return cls.from_config(dict(params), replace(ctx, name=name))
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"policy {name!r}: {exc}") from exc
+
+
+def build_prefix_cache(
+    name: str,
+    params: Mapping[str, Any],
+    *,
+    model: str,
+    registry: CollectorRegistry,
+    tokenizer: str | None = None,
+    block_size: int | None = None,
+) -> tuple[PrefixCache | None, dict[str, Any]]:
+    """The prefix cache policy `name` needs (None when its class uses none) and the params left for the
+    policy. `tokenizer` and `block_size` are the pool's defaults. Bad cache parameters: PolicyError."""
+    if not policy_class(name).uses_prefix_cache:
+        return None, dict(params)
+    from router.prefix_cache import PrefixCache, PrefixCacheConfig, split_params  # only when needed
+
+    cache_params, rest = split_params(params)
+    try:
+        config = PrefixCacheConfig.from_params(cache_params, tokenizer=tokenizer, block_size=block_size)
+        return PrefixCache(model, config, registry=registry), rest
     except (TypeError, ValueError) as exc:
         raise PolicyError(f"policy {name!r}: {exc}") from exc

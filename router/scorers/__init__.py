@@ -3,9 +3,10 @@
 Every scorer has the same shape (STYLE.md): a `type_name`, a factory `from_params(params)` decoding
 its parameters over defaults, a plain constructor that tests call, and one method
 `score(request, endpoints) -> {endpoint: score}`. Scorers do no I/O: they read endpoint snapshots and
-what the policy put in `request.scratch`. The framework (`combine`), not the scorer, clamps to [0, 1]
-and applies weights; an endpoint a scorer leaves out is "unscored" by it (adds nothing), which is
-distinct from a score of 0 only in `scores_by_scorer`'s output. Adding a scorer is one line in SCORERS.
+what the policy put in the typed `request.state` (router/route_state.py). The framework (`combine`),
+not the scorer, clamps to [0, 1] and applies weights; an endpoint a scorer leaves out is "unscored" by
+it (adds nothing), which is distinct from a score of 0 only in `scores_by_scorer`'s output. Adding a
+scorer is one line in SCORERS.
 """
 
 from __future__ import annotations

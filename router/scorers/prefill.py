@@ -4,8 +4,8 @@
     score(e) = (min_cost + C) / (cost(e) + C)             C = `smoothing` tokens (default 256)
 
 `in_flight_tokens` is the uncached prompt work the gateway has sent the pod and not seen finish;
-`cached_tokens(e)` comes from the prefix match in `request.scratch` (so this scorer weighs a cache hit
-against the queue in the same unit, tokens, as Dynamo's cost model does). The cheapest pod scores 1; a
+`cached_tokens(e)` comes from the prefix match in `request.state.prefix` (so this scorer weighs a cache
+hit against the queue in the same unit, tokens, as Dynamo's cost model does). The cheapest pod scores 1; a
 pod with twice the work scores about 0.5. Unscored when the request has no prefix match.
 YAML: `scorers: {prefill: 2}`.
 """
@@ -17,7 +17,6 @@ from typing import Any
 
 from router.endpoint import Endpoint
 from router.policy import RouteRequest
-from router.scorers.prefix import PREFIX_MATCH, PrefixMatch
 
 
 class PrefillScorer:
@@ -36,7 +35,7 @@ class PrefillScorer:
         return cls(float(params.get("smoothing", 256.0)))
 
     def score(self, request: RouteRequest, endpoints: Sequence[Endpoint]) -> dict[Endpoint, float]:
-        m: PrefixMatch | None = request.scratch.get(PREFIX_MATCH)
+        m = request.state.prefix
         if m is None or not endpoints:
             return {}
         get = m.matched.get

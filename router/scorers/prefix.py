@@ -2,31 +2,18 @@
 
     score = matched_blocks(endpoint) / prompt_blocks
 
-Reads `request.scratch[PREFIX_MATCH]`, a PrefixMatch the cache-aware policy computes once per request
-from the prefix index (longest leading run of the prompt's blocks each pod holds). Endpoints are
-unscored when the prompt has no full block. YAML: `scorers: {prefix: 3}`.
+Reads `request.state.prefix`, a PrefixMatch the weighted policy computes once per pick from the
+prefix cache (longest leading run of the prompt's blocks each pod holds). Endpoints are unscored when
+the prompt has no full block. YAML: `scorers: {prefix: 3}`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from router.endpoint import Endpoint
 from router.policy import RouteRequest
-
-PREFIX_MATCH = "prefix_match"
-
-
-@dataclass(slots=True)
-class PrefixMatch:
-    """The prompt's full blocks and tokens and, per endpoint holding some, its leading matched blocks."""
-
-    prompt_blocks: int
-    matched: dict[Endpoint, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    block_size: int = 16
 
 
 class PrefixScorer:
@@ -39,7 +26,7 @@ class PrefixScorer:
         return cls()
 
     def score(self, request: RouteRequest, endpoints: Sequence[Endpoint]) -> dict[Endpoint, float]:
-        m: PrefixMatch | None = request.scratch.get(PREFIX_MATCH)
+        m = request.state.prefix
         if m is None or m.prompt_blocks <= 0:
             return {}
         n = m.prompt_blocks

@@ -24,8 +24,8 @@ from gateway.app import build_app
 from gateway.config import EndpointSpec, GatewayConfig, Health, PolicySpec, PoolSpec, Scrape
 from gateway.state import STATE
 from router.endpoint import Endpoint
-from router.policies.cache_aware import CacheAwarePolicy
 from router.policy import RouteRequest
+from router.prefix_cache import PrefixCache
 
 MODEL = "sim-model"
 FAST: dict[str, Any] = {"model": MODEL, "prefill_tps": 1e6, "itl_ms": 1.0, "itl_ms_per_seq": 0.0}
@@ -73,10 +73,10 @@ class Gateway:
         await self.runner.cleanup()
 
     @property
-    def policy(self) -> CacheAwarePolicy:
+    def cache(self) -> PrefixCache:
         (pool,) = list(self.app[STATE].pools)
-        assert isinstance(pool.policy, CacheAwarePolicy)
-        return pool.policy
+        assert pool.prefix_cache is not None
+        return pool.prefix_cache
 
     def endpoint(self, url: str) -> Endpoint:
         (pool,) = list(self.app[STATE].pools)
@@ -131,13 +131,13 @@ def sim_hashes(pod) -> set[int]:
 
 
 def view_matches_sims(gw: Gateway, fleet: SimFleet) -> bool:
-    policy = gw.policy
+    cache = gw.cache
     for pod in fleet.pods:
         ep = gw.endpoint(pod.url)
-        tracker = policy._trackers[ep]
+        tracker = cache.trackers[ep]
         if set(tracker._engine) != sim_hashes(pod):
             return False
-        if policy.index.keys_of(ep) != set(tracker.keys()):
+        if cache.index.keys_of(ep) != set(tracker.keys()):
             return False
     return True
 
@@ -157,8 +157,8 @@ async def test_precise_index_follows_kv_events_through_eviction_and_gateway_rest
             await complete(http, gw, text(1, 64))  # the pods connect to the gateway's bound port
             # a shared prefix: once its events arrive, the index alone sends followers to its pod
             url, _, _ = await complete(http, gw, text(2, 160))
-            keys = gw.policy.prompt_keys(probe(text(2, 160)))[1]
-            await eventually(lambda: gw.policy.match(keys, list(gw.policy._trackers)) != {})
+            keys = gw.cache.keys_for(probe(text(2, 160)))
+            await eventually(lambda: gw.cache.match(keys, list(gw.cache.trackers)) != {})
             for i in range(3):
                 again, cached, _ = await complete(http, gw, text(2, 160) + f" tail{i}")
                 assert again == url and cached == 160
@@ -179,10 +179,10 @@ async def test_precise_index_follows_kv_events_through_eviction_and_gateway_rest
         # a new gateway learns the same view from the replay sockets, before any request
         gw2 = await Gateway(cfg).start()
         try:
-            await eventually(lambda: view_matches_sims(gw2, fleet) and len(gw2.policy.index) > 0)
+            await eventually(lambda: view_matches_sims(gw2, fleet) and len(gw2.cache.index) > 0)
             last = text(123, 200)
-            keys = gw2.policy.prompt_keys(probe(last))[1]
-            holder = next(p.url for p in fleet.pods if gw2.policy.index.match(keys, [gw2.endpoint(p.url)]))
+            keys = gw2.cache.keys_for(probe(last))
+            holder = next(p.url for p in fleet.pods if gw2.cache.index.match(keys, [gw2.endpoint(p.url)]))
             url, cached, _ = await complete(http, gw2, last)
             assert url == holder and cached == 192
         finally:

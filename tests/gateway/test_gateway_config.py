@@ -101,5 +101,5 @@ def test_example_config_builds_a_gateway():
     """The Dockerfile's default config must start: every pool's policy builds from its params."""
     app = build_app(load_config(str(EXAMPLE)))
     pool = app[STATE].pools.get("meta-llama/Llama-3.1-8B-Instruct")
-    assert pool is not None and pool.policy.type_name == "cache_aware"
+    assert pool is not None and pool.policy_name == "cache_aware" and pool.prefix_cache is not None
     assert [ep.kv_events_replay for ep in pool.endpoints] == ["tcp://vllm-0:5558", "tcp://vllm-1:5558"]

@@ -11,7 +11,6 @@ from pd_harness import MODEL, PDWorld, PodSpec, long_prompt, wait_for
 
 from gateway.config import PDSpec
 from gateway.pd_flow import PREFILL_TRANSFER_PARAMS, X_PREFILL_ENDPOINT
-from router.policies.cache_aware import CacheAwarePolicy
 from router.policy import RouteRequest
 
 PD = PDSpec(threshold_tokens=64, prefill_timeout_s=5.0)
@@ -232,16 +231,33 @@ async def test_precise_index_learns_both_pods_blocks_from_their_events(pd_world,
         assert r.status == 200
         assert r.headers[X_PREFILL_ENDPOINT] == world.recorders[0].url
         await r.read()
-    policy = world.pool.policy
-    assert isinstance(policy, CacheAwarePolicy)
-    _, keys = policy.prompt_keys(RouteRequest("probe", MODEL, "/v1/completions", body, {}))
+    cache = world.pool.prefix_cache
+    assert cache is not None
+    keys = cache.keys_for(RouteRequest("probe", MODEL, "/v1/completions", body, {}))
     prefill, decode = world.endpoint(0), world.endpoint(1)
 
     def held() -> dict:
-        return policy.index.match(keys, [prefill, decode])
+        return cache.index.match(keys, [prefill, decode])
 
     # 320 tokens = 20 full blocks; both pods report them (the decode pod after pulling the KV)
     await wait_for(lambda: held().get(prefill, 0) >= 19 and held().get(decode, 0) >= 19, "both pods' events")
+
+
+async def test_a_failed_decode_after_a_prefill_forgets_what_it_taught_the_decode_pod(pd_world, client):
+    """The prefill step runs the policy hooks inside the decode attempt's: its record must not replace
+    the decode attempt's, or a decode that fails leaves the decode pod credited with blocks it never got."""
+    world: PDWorld = await pd_world(PAIR, pd=PD, policy="cache_aware", retries=0)
+    world.recorders[1].fail_status = 503  # the decode pod refuses; the prefill pod answers
+    body = {"model": MODEL, "prompt": long_prompt(320), "max_tokens": 2}
+    async with client.post(world.url + "/v1/completions", json=body) as r:
+        assert r.status == 502
+    assert world.recorders[0].prefills() and world.recorders[1].decodes()  # both steps ran
+    cache = world.pool.prefix_cache
+    assert cache is not None
+    keys = cache.keys_for(RouteRequest("probe", MODEL, "/v1/completions", body, {}))
+    prefill, decode = world.endpoint(0), world.endpoint(1)
+    await wait_for(lambda: world.in_flight() == 0, "no request in flight")
+    assert cache.match(keys, [prefill, decode]) == {prefill: 20}  # the prefill succeeded: kept
 
 
 async def test_prefill_work_is_charged_to_the_prefill_pod_while_it_runs(pd_world, client):

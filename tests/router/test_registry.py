@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from router import registry
 from router.policy import Policy, PolicyContext
-from router.registry import POLICIES, PolicyError, build_policy, policy_class
+from router.registry import POLICIES, PolicyError, build_policy, build_prefix_cache, policy_class
 
 LOAD_ONLY = ["round_robin", "random", "least_request", "power_of_two", "session"]
 
@@ -36,12 +37,26 @@ def test_unknown_policy_names_the_known_ones():
 
 
 def test_cache_aware_is_registered_lazily():
-    assert POLICIES["cache_aware"] == "router.policies.cache_aware:CacheAwarePolicy"
-    if importlib.util.find_spec("router.policies.cache_aware") is None:
+    assert POLICIES["cache_aware"].startswith("router.policies.")
+    if importlib.util.find_spec(POLICIES["cache_aware"].partition(":")[0]) is None:
         with pytest.raises(PolicyError, match="cannot be imported"):
             policy_class("cache_aware")
     else:
-        assert policy_class("cache_aware").type_name == "cache_aware"
+        assert policy_class("cache_aware").uses_prefix_cache
+
+
+def test_one_class_under_two_names_reports_the_name_it_was_built_under(monkeypatch):
+    monkeypatch.setitem(registry.POLICIES, "alias", POLICIES["weighted"])
+    assert policy_class("alias") is policy_class("weighted")
+    for name in ("weighted", "alias"):
+        params = {"index": "approximate"}
+        cache, rest = build_prefix_cache(name, params, model="m", registry=CollectorRegistry())
+        c = replace(ctx(), prefix_cache=cache)
+        assert build_policy(name, rest, c).uses_prefix_cache
+        with pytest.raises(PolicyError, match=rf"^policy '{name}': policy '{name}' does not take .*typo"):
+            build_policy(name, {"typo": 1}, c)
+    with pytest.raises(PolicyError, match="prefix cache"):
+        build_policy("weighted", {}, ctx())  # built without the pool's cache
 
 
 def test_broken_entry_gives_clear_error(monkeypatch):

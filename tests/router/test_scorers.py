@@ -6,10 +6,11 @@ import pytest
 
 from router.endpoint import Endpoint
 from router.policy import RouteRequest
+from router.route_state import PrefixMatch, RouteState
 from router.scorers import SCORERS, Weighted, build_scorer, combine, scores_by_scorer
 from router.scorers.kv_usage import KVUsageScorer
 from router.scorers.prefill import PrefillScorer
-from router.scorers.prefix import PREFIX_MATCH, PrefixMatch, PrefixScorer
+from router.scorers.prefix import PrefixScorer
 from router.scorers.queue import QueueScorer, endpoint_load
 
 
@@ -21,8 +22,8 @@ def eps(n: int, **state) -> list[Endpoint]:
     return out
 
 
-def req(**scratch) -> RouteRequest:
-    return RouteRequest("r", "m", "/v1/completions", {}, {}, scratch=dict(scratch))
+def req(prefix: PrefixMatch | None = None) -> RouteRequest:
+    return RouteRequest("r", "m", "/v1/completions", {}, {}, state=RouteState(prefix=prefix))
 
 
 @pytest.mark.parametrize(
@@ -59,9 +60,9 @@ def test_kv_usage_scorer(usage, scraped, expect) -> None:
 
 def test_prefix_scorer() -> None:
     e = eps(3)
-    r = req(**{PREFIX_MATCH: PrefixMatch(8, {e[0]: 8, e[1]: 2})})
+    r = req(PrefixMatch(8, {e[0]: 8, e[1]: 2}))
     assert PrefixScorer().score(r, e) == {e[0]: 1.0, e[1]: 0.25, e[2]: 0.0}
-    assert PrefixScorer().score(req(**{PREFIX_MATCH: PrefixMatch(0)}), e) == {}
+    assert PrefixScorer().score(req(PrefixMatch(0)), e) == {}
     assert PrefixScorer().score(req(), e) == {}
 
 
@@ -103,7 +104,7 @@ def test_registry_builds_every_scorer_and_rejects_unknowns() -> None:
 def test_prefill_scorer_weighs_cache_hits_against_queued_work(in_flight_tokens, matched, expect) -> None:
     e = eps(3, in_flight_tokens=in_flight_tokens)
     m = PrefixMatch(64, {e[i]: n for i, n in matched.items()}, prompt_tokens=1024, block_size=16)
-    got = PrefillScorer(smoothing=256).score(req(**{PREFIX_MATCH: m}), e)
+    got = PrefillScorer(smoothing=256).score(req(m), e)
     assert [got[x] for x in e] == pytest.approx(expect)
     assert PrefillScorer().score(req(), e) == {}
     with pytest.raises(ValueError):

@@ -22,8 +22,8 @@ from bench.sim.fleet import SimFleet
 from gateway.app import build_app
 from gateway.config import EndpointSpec, GatewayConfig, Health, PolicySpec, PoolSpec, Scrape
 from gateway.state import STATE
-from router.policies.cache_aware import CacheAwarePolicy
 from router.policy import RouteRequest
+from router.prefix_cache import PrefixCache
 
 pytestmark = pytest.mark.vllm
 WORDS = ["alpha", "beta", "gamma", "delta", "system", "import", "cache", "return", "block", "value"]
@@ -45,14 +45,14 @@ class Setup:
     def __init__(self, app: web.Application, url: str, real_url: str) -> None:
         self.app, self.url, self.real_url = app, url, real_url
         (self.pool,) = list(app[STATE].pools)
-        assert isinstance(self.pool.policy, CacheAwarePolicy)
-        self.policy: CacheAwarePolicy = self.pool.policy
+        assert self.pool.prefix_cache is not None
+        self.cache: PrefixCache = self.pool.prefix_cache
         self.real = next(ep for ep in self.pool.endpoints if ep.url == real_url)
         self.sim = next(ep for ep in self.pool.endpoints if ep.url != real_url)
 
     def matched(self, path: str, body: dict[str, Any]) -> dict:
         probe = RouteRequest("probe", body["model"], path, body, {})
-        return self.policy.match(self.policy.prompt_keys(probe)[1], self.pool.endpoints)
+        return self.cache.match(self.cache.keys_for(probe), self.pool.endpoints)
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ async def test_precise_mode_routes_a_repeated_prompt_to_the_real_pod_holding_it(
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         first, _ = await post(http, setup.real_url, path, body(" first question"))  # straight to vLLM
-        blocks = first["usage"]["prompt_tokens"] // setup.policy.block_size
+        blocks = first["usage"]["prompt_tokens"] // setup.cache.block_size
         assert blocks >= 4
         await eventually(lambda: setup.matched(path, body(" first question")).get(setup.real) == blocks)
         assert setup.sim not in setup.matched(path, body(" first question"))
@@ -116,7 +116,7 @@ async def test_precise_mode_routes_a_repeated_prompt_to_the_real_pod_holding_it(
             data, headers = await post(http, setup.url, path, body(f" question number {i}"))
             assert headers["x-kvgate-endpoint"] == setup.real_url
             cached = int(headers["x-kvgate-cached-tokens"])
-            assert cached >= (blocks - 1) * setup.policy.block_size
+            assert cached >= (blocks - 1) * setup.cache.block_size
             details = data["usage"].get("prompt_tokens_details") or {}
             if "cached_tokens" in details:  # the engine confirms the prediction
                 assert details["cached_tokens"] >= cached

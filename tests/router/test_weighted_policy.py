@@ -1,4 +1,4 @@
-"""CacheAwarePolicy in isolation: prefix affinity, no hot-spotting, balance, spreading, modes, metrics."""
+"""WeightedPolicy over a PrefixCache: prefix affinity, no hot-spotting, balance, spreading, modes, metrics."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from prefixindex.events import BlockStored, EventBatch
 from prefixindex.hashing import block_keys, root_key
 from prefixindex.tokenizer import WordTokenizer
 from router.endpoint import Endpoint
-from router.policies.cache_aware import CacheAwarePolicy, event_source
+from router.policies.weighted import WeightedPolicy
 from router.policy import PolicyContext, RouteRequest
+from router.prefix_cache import PREFIX_CACHE_PARAMS, PrefixCache, PrefixCacheConfig
+from router.registry import PolicyError, build_policy, build_prefix_cache
 
 WORDS = [f"w{i}" for i in range(500)]
 
@@ -31,7 +33,23 @@ def req(prompt: str, **extra) -> RouteRequest:
     return RouteRequest("r", "m", "/v1/completions", {"model": "m", "prompt": prompt, **extra}, {})
 
 
-def route(policy: CacheAwarePolicy, eps: list[Endpoint], r: RouteRequest, *, hold: bool = False):
+def make(seed: int, *, tokenizer=None, registry=None, **params) -> WeightedPolicy:
+    """A WeightedPolicy over its own PrefixCache; the PrefixCacheConfig fields of `params` go to the cache."""
+    cache = {k: params.pop(k) for k in list(params) if k in PREFIX_CACHE_PARAMS}
+    prefix_cache = PrefixCache("m", PrefixCacheConfig(**cache), tokenizer=tokenizer, registry=registry)
+    return WeightedPolicy(prefix_cache, seed=seed, **params)
+
+
+def from_config(name: str, params: dict, registry: CollectorRegistry, model: str = "m", seed=None):
+    """As the gateway builds it: the cache from its share of `params`, the policy from the rest."""
+    cache, rest = build_prefix_cache(name, params, model=model, registry=registry)
+    ctx = PolicyContext(model=model, registry=registry, seed=seed, prefix_cache=cache)
+    policy = build_policy(name, rest, ctx)
+    assert isinstance(policy, WeightedPolicy)
+    return policy
+
+
+def route(policy: WeightedPolicy, eps: list[Endpoint], r: RouteRequest, *, hold: bool = False):
     d = policy.pick(r, eps)
     policy.on_routed(r, d)
     if hold:
@@ -40,7 +58,7 @@ def route(policy: CacheAwarePolicy, eps: list[Endpoint], r: RouteRequest, *, hol
 
 
 def test_requests_sharing_a_prefix_follow_the_pod_that_holds_it() -> None:
-    policy = CacheAwarePolicy("m", seed=1)
+    policy = make(1)
     eps = pods()
     system = text(0, 64)
     first = route(policy, eps, req(system + " " + text(1, 20)))
@@ -52,14 +70,14 @@ def test_requests_sharing_a_prefix_follow_the_pod_that_holds_it() -> None:
 
 
 def test_quiet_fleet_is_not_hot_spotted() -> None:
-    policy = CacheAwarePolicy("m", seed=2)
+    policy = make(2)
     eps = pods()
     counts = Counter(route(policy, eps, req(text(100 + i))).endpoint.url for i in range(200))
     assert len(counts) == 4 and max(counts.values()) < 90  # ~50 each; list order would give 200 to one
 
 
 def test_ties_go_to_the_least_loaded_then_at_random() -> None:
-    policy = CacheAwarePolicy("m", weights={"prefix": 3}, seed=3)
+    policy = make(weights={"prefix": 3}, seed=3)
     eps = pods(3)
     eps[0].in_flight = 2
     picked = Counter(policy.pick(req(text(i)), eps).endpoint.url for i in range(60))
@@ -68,7 +86,7 @@ def test_ties_go_to_the_least_loaded_then_at_random() -> None:
 
 
 def test_a_hot_prefix_spreads_to_a_second_pod_and_no_further() -> None:
-    policy = CacheAwarePolicy("m", seed=4, balance_abs=8, balance_rel=1.5)
+    policy = make(4, balance_abs=8, balance_rel=1.5)
     eps = pods()
     system = text(7, 64)
     decisions = [route(policy, eps, req(system + f" q{i}"), hold=True) for i in range(16)]
@@ -79,7 +97,7 @@ def test_a_hot_prefix_spreads_to_a_second_pod_and_no_further() -> None:
 
 
 def test_an_overloaded_holder_stops_attracting_its_prefix() -> None:
-    policy = CacheAwarePolicy("m", seed=5)
+    policy = make(5)
     eps = pods(2)
     system = text(9, 64)
     holder = route(policy, eps, req(system)).endpoint
@@ -90,7 +108,7 @@ def test_an_overloaded_holder_stops_attracting_its_prefix() -> None:
 
 
 def test_cache_salt_and_lora_isolate_prefixes() -> None:
-    policy = CacheAwarePolicy("m", seed=6)
+    policy = make(6)
     eps = pods()
     system = text(11, 64)
     route(policy, eps, req(system, cache_salt="tenant-a"))
@@ -102,7 +120,7 @@ def test_cache_salt_and_lora_isolate_prefixes() -> None:
 
 
 def test_chat_and_token_prompts_are_keyed_like_the_engine_sees_them() -> None:
-    policy = CacheAwarePolicy("m", seed=7)
+    policy = make(7)
     eps = pods()
     tok = WordTokenizer()
     messages = [{"role": "system", "content": text(12, 64)}, {"role": "user", "content": "hi"}]
@@ -122,7 +140,7 @@ def test_prompt_is_tokenized_once_per_request() -> None:
             calls.append(1)
             return super().encode(text, add_special_tokens)
 
-    policy = CacheAwarePolicy("m", tokenizer=Counting(), seed=8)
+    policy = make(tokenizer=Counting(), seed=8)
     r = req(text(13))
     eps = pods()
     d = policy.pick(r, eps)
@@ -132,51 +150,53 @@ def test_prompt_is_tokenized_once_per_request() -> None:
 
 
 def test_bad_prompts_route_by_load() -> None:
-    policy = CacheAwarePolicy("m", seed=9)
+    policy = make(9)
     eps = pods(2)
     eps[0].in_flight = 3
-    for body in ({"model": "m"}, {"model": "m", "prompt": 5}, {"model": "m", "prompt": [-1, 2]},
-                 {"model": "m", "prompt": "x", "cache_salt": ""}):
+    for body in (
+        {"model": "m"},
+        {"model": "m", "prompt": 5},
+        {"model": "m", "prompt": [-1, 2]},
+        {"model": "m", "prompt": "x", "cache_salt": ""},
+    ):
         d = policy.pick(RouteRequest("r", "m", "/v1/completions", body, {}), eps)
         assert d.endpoint is eps[1] and d.reason == "load" and d.prompt_tokens == 0
 
 
 def test_approximate_capacity_follows_the_pods_num_gpu_blocks() -> None:
-    policy = CacheAwarePolicy("m", seed=10)
+    policy = make(10)
     (ep,) = pods(1)
     ep.num_gpu_blocks = 10
     for i in range(5):
         route(policy, [ep], req(text(200 + i, 64)))  # 4 blocks each
-    assert policy.index.held(ep) == 10
+    assert policy.cache.index.held(ep) == 10
     assert policy.pick(req(text(204, 64) + " x"), [ep]).cached_tokens == 64
     assert policy.pick(req(text(200, 64)), [ep]).cached_tokens == 0
 
 
 def test_block_size_is_learned_from_the_pods_unless_configured() -> None:
-    policy = CacheAwarePolicy("m", seed=11)
+    policy = make(11)
     eps = pods(2)
     for e in eps:
         e.block_size = 32
     d = route(policy, eps, req(text(14, 100)))
-    assert policy.block_size == 32 and policy.pick(req(text(14, 100)), eps).cached_tokens == 96
-    fixed = CacheAwarePolicy("m", block_size=16, seed=11)
+    assert policy.cache.block_size == 32 and policy.pick(req(text(14, 100)), eps).cached_tokens == 96
+    fixed = make(block_size=16, seed=11)
     route(fixed, eps, req(text(14, 100)))
-    assert fixed.block_size == 16 and fixed.pick(req(text(14, 100)), eps).cached_tokens == 96
+    assert fixed.cache.block_size == 16 and fixed.pick(req(text(14, 100)), eps).cached_tokens == 96
     assert d.prompt_tokens == 100
     eps[1].block_size = 64  # a pod of another size later: learned once, kept
     policy.pick(req(text(15, 100)), eps[::-1])
-    assert policy.block_size == 32
+    assert policy.cache.block_size == 32
 
 
 def test_precise_mode_learns_from_events_and_pending_routes() -> None:
-    policy = CacheAwarePolicy("m", index="precise", pending_blocks=8, seed=12)
+    policy = make(index="precise", pending_blocks=8, seed=12)
     eps = pods(2)
     tokens = WordTokenizer().encode(text(15, 64))
-    policy.index.add_pod(eps[1])
-    from prefixindex.precise import PodEventTracker
-
-    policy._trackers[eps[1]] = PodEventTracker(policy.index, eps[1], "m", policy._accept_block_size)
-    policy.apply(eps[1], EventBatch(0.0, [BlockStored([1, 2, 3, 4], None, tokens, 16)]))
+    cache = policy.cache
+    cache.track(eps[1])
+    cache.apply(eps[1], EventBatch(0.0, [BlockStored([1, 2, 3, 4], None, tokens, 16)]))
     d = policy.pick(req(text(15, 64) + " x"), eps)
     assert d.endpoint is eps[1] and d.cached_tokens == 64 and d.reason == "prefix_hit"
     # routed but not yet confirmed by an event: the pending LRU keeps the burst together
@@ -184,17 +204,16 @@ def test_precise_mode_learns_from_events_and_pending_routes() -> None:
     first = policy.pick(r, eps)
     policy.on_routed(r, first)
     assert policy.pick(req(text(16, 64)), eps).endpoint is first.endpoint
-    assert len(policy.index) == 4  # pending entries never enter the event-fed index
+    assert len(cache.index) == 4  # pending entries never enter the event-fed index
     keys = block_keys(tokens, 16, root_key("m"))
-    policy.endpoints_changed([], [eps[1]])
-    assert policy.index.match(keys) == {}
+    cache.endpoints_changed([], [eps[1]])
+    assert cache.index.match(keys) == {}
 
 
 def test_metrics_count_tokens_decisions_and_index_size() -> None:
     registry = CollectorRegistry()
-    ctx = PolicyContext(model="m", registry=registry, seed=13)
-    policy = CacheAwarePolicy.from_config({"weights": {"prefix": 3, "queue": 2}}, ctx)
-    again = CacheAwarePolicy.from_config({}, PolicyContext(model="m2", registry=registry))  # same registry
+    policy = from_config("weighted", {"weights": {"prefix": 3, "queue": 2}}, registry, seed=13)
+    again = from_config("weighted", {}, registry, model="m2")  # same registry
     eps = pods(2)
     route(policy, eps, req(text(17, 64)))
     d = route(policy, eps, req(text(17, 64) + " x"))
@@ -210,30 +229,24 @@ def test_metrics_count_tokens_decisions_and_index_size() -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [{"index": "exact"}, {"nope": 1}, {"weights": {"prefix": -1}}, {"weights": {"magic": 1}},
-     {"weights": [1]}, {"block_size": 0}, {"capacity": -5}, {"balance_rel": 0.5}],
+    [
+        {"index": "exact"},
+        {"nope": 1},
+        {"weights": {"prefix": -1}},
+        {"weights": {"magic": 1}},
+        {"weights": [1]},
+        {"block_size": 0},
+        {"capacity": -5},
+        {"balance_rel": 0.5},
+    ],
 )
 def test_bad_parameters_are_rejected(params) -> None:
-    with pytest.raises(ValueError):
-        CacheAwarePolicy.from_config(params, PolicyContext(model="m", registry=CollectorRegistry()))
-
-
-def test_event_sources_bind_shared_endpoints_by_topic() -> None:
-    eps = pods(2)
-    for e in eps:
-        e.kv_events = "tcp://*:5557"
-        e.kv_events_replay = "tcp://*:5558"
-    src = event_source(eps[0], eps)
-    assert src.topic == "kv@127.0.0.1:8100@m" and src.replay == "tcp://127.0.0.1:5558"
-    assert event_source(eps[0], eps[:1]).topic is None  # alone on its socket: any topic is its own
-    eps[0].labels["kv_topic"] = "kv-events"
-    assert event_source(eps[0], eps).topic == "kv-events"
-    eps[1].kv_events = "tcp://10.0.0.1:5557"
-    assert event_source(eps[1], eps).topic is None
+    with pytest.raises(PolicyError, match="weighted"):
+        from_config("weighted", params, CollectorRegistry())
 
 
 def test_a_failed_attempt_unlearns_only_what_it_taught() -> None:
-    policy = CacheAwarePolicy("m", seed=14)
+    policy = make(14)
     eps = pods(2)
     system = text(18, 64)
     first = route(policy, eps, req(system))
@@ -244,19 +257,4 @@ def test_a_failed_attempt_unlearns_only_what_it_taught() -> None:
     policy.on_routed(r, d)
     policy.on_finished(r, d, False)  # the pod failed before prefill: its new blocks are forgotten
     assert policy.pick(req(system + " " + text(19, 64)), eps).cached_tokens == 64
-    assert policy.index.held(first.endpoint) == 4
-
-
-def test_precise_match_follows_a_run_split_between_events_and_pending() -> None:
-    """Events confirm a prefill chunk by chunk: the leading blocks move to the index while the rest is
-    still pending. The pod must still count as holding the whole run, or a burst scatters."""
-    policy = CacheAwarePolicy("m", index="precise", pending_blocks=64, seed=14)
-    eps = pods(2)
-    keys = block_keys(WordTokenizer().encode(text(18, 128)), 16, root_key("m"))  # 8 blocks
-    policy.index.add_pod(eps[0])
-    policy.pending.add_pod(eps[0], 64)
-    policy.index.insert(eps[0], keys[:3])  # first chunk confirmed by a BlockStored
-    policy.pending.insert(eps[0], keys[3:])  # the rest routed there, not yet confirmed
-    assert policy.match(keys, eps) == {eps[0]: 8}
-    policy.pending.discard(eps[0], keys[6:])  # a gap: the run stops there
-    assert policy.match(keys, eps) == {eps[0]: 6}
+    assert policy.cache.index.held(first.endpoint) == 4
