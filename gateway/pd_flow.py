@@ -121,6 +121,7 @@ class PDFlow:
     async def attempt(self, call: ProxyCall, decision: Decision) -> UpstreamReply:
         pd = call.pool.pd
         call.extra_headers.pop(X_PREFILL_ENDPOINT, None)  # from an earlier, failed attempt
+        call.route.state.disaggregated = False
         if pd is None or not self.splittable(call):
             return await self.inner(call, decision)
         pool = call.pool
@@ -143,6 +144,7 @@ class PDFlow:
             self._count(call, "fallback_prefill_failed")
             return await self.inner(call, decision)
         self._count(call, "disaggregated")
+        call.route.state.disaggregated = True  # until the next attempt: on_first_byte comes after this
         original, changed = call.body, call.body_changed
         assert original is not None  # splittable() checked it
         call.body = {**original, "kv_transfer_params": params}

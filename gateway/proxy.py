@@ -84,8 +84,12 @@ class ProxyCall:
         return self.raw_body
 
     def charge(self, decision: Decision) -> None:
-        """An attempt on `decision.endpoint` starts: policy on_routed, then one more request and its
+        """An attempt on `decision.endpoint` starts: its send time stamped (`decision.sent_at`, and the
+        request's `dispatched_at` on its first attempt), policy on_routed, then one more request and its
         uncached prompt tokens in flight there. Pair with `discharge` in a finally block."""
+        decision.sent_at = now = time.perf_counter()
+        if not self.route.state.dispatched_at:
+            self.route.state.dispatched_at = now
         self.pool.policy.on_routed(self.route, decision)
         ep = decision.endpoint
         ep.in_flight += 1
@@ -178,13 +182,17 @@ class Proxy:
         raise errors.upstream_failed(f"{len(call.tried)} attempt(s), last: {failure}")
 
     async def attempt_and_relay(self, call: ProxyCall, decision: Decision) -> web.StreamResponse:
-        """One attempt with exact bookkeeping: on_routed and on_finished once each, in-flight counts
-        restored on every exit (success, failure, client disconnect, cancellation)."""
+        """One attempt with exact bookkeeping: on_routed and on_finished once each (on_first_byte once
+        when a 2xx answer's first chunk arrived), in-flight counts restored on every exit (success,
+        failure, client disconnect, cancellation)."""
         ep = decision.endpoint
         call.charge(decision)
         ok = False
         try:
             reply = await self.attempt(call, decision)
+            if 200 <= reply.response.status < 300:
+                elapsed = time.perf_counter() - decision.sent_at
+                call.pool.policy.on_first_byte(call.route, decision, elapsed)
             call.served_by = ep
             self.health.attempt_succeeded(ep)
             response, completed = await self.relay(call, decision, reply)
