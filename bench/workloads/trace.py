@@ -9,6 +9,7 @@ block_tokens/512); the last block is cut so the prompt has `input_length` (scale
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,13 +73,21 @@ def read_trace(path: str | Path, start_s: float = 0.0, end_s: float | None = Non
 
 def trace(spec: TraceSpec, tokenizer: Tokenizer | None = None) -> Workload:
     """One session per record; `Session.at` is its offset from the first kept record, in seconds."""
-    check_positive(block_tokens=spec.block_tokens)
-    if spec.prompt_format == "tokens" and spec.api == "chat":
-        raise ValueError("token-id prompts need the completions API")
-    tok = tokenizer or WordTokenizer()
     records = read_trace(spec.path, spec.start_s, spec.end_s, spec.first)
     if not records:
         raise ValueError(f"no trace records in {spec.path} for the window/limit given")
+    return trace_workload(records, spec, tokenizer)
+
+
+def trace_workload(records: Sequence[TraceRecord], spec: TraceSpec,
+                   tokenizer: Tokenizer | None = None) -> Workload:
+    """`records` (e.g. a sample of a trace) as `trace` replays them; `spec`'s path and window are unused."""
+    check_positive(block_tokens=spec.block_tokens)
+    if spec.prompt_format == "tokens" and spec.api == "chat":
+        raise ValueError("token-id prompts need the completions API")
+    if not records:
+        raise ValueError("no trace records")
+    tok = tokenizer or WordTokenizer()
     factor = spec.block_tokens / TRACE_BLOCK_TOKENS
     out_factor = factor if spec.output_scale is None else spec.output_scale
     blocks: dict[int, list[str]] = {}
