@@ -2,7 +2,8 @@
 
 For every load and router: reset the pods' prefix caches (each router starts cold), start the router,
 warm it up with short unique prompts, snapshot the pods' /metrics, run the workload, snapshot again,
-stop the router. The fleet runs as `kvgate sim` processes for the whole comparison.
+stop the router. The fleet runs as `kvgate sim` processes for the whole comparison; `per_pod` gives
+pods different options (e.g. a fleet of two pod sizes).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class HarnessConfig:
     seed: int = 0
     request_timeout_s: float = 300.0
     router_start_timeout_s: float = 60.0
+    per_pod: list[dict[str, Any]] | None = None  # pod i's options on top of pod_options
 
 
 def warmup_workload(n: int, seed: int, run: int) -> Workload:
@@ -153,7 +155,7 @@ async def run_comparison(cfg: HarnessConfig, workload: Workload, report: Report,
     out.write(f"starting {cfg.pods} simulated pods ...\n")
     out.flush()
     async with (
-        SimFleetProcess(cfg.pods, model=cfg.model, **options) as fleet,
+        SimFleetProcess(cfg.pods, model=cfg.model, per_pod=cfg.per_pod, **options) as fleet,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
     ):
         infos = fleet.ready_infos()
