@@ -22,6 +22,7 @@ from typing import Any
 from bench.loadgen.harness import HarnessConfig, run_comparison
 from bench.loadgen.routers import SGLANG, RouterSpec, sglang_available
 from bench.loadgen.runner import run_async
+from bench.matrix import add_matrix_arguments, run_matrix_command
 from bench.presets import PRESETS, BenchPreset, kv_tokens, preset_summary
 from bench.report.model import Report
 from bench.report.table import format_table
@@ -104,6 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wl.add_argument("--trace-speed", type=float, default=1.0, help="trace: replay speed factor")
     wl.add_argument("--trace-block-tokens", type=int, default=32,
                     help="trace: tokens per hash id (512 reproduces the trace's lengths)")
+    add_matrix_arguments(parser)  # --matrix: the robustness matrix (bench/matrix.py)
 
 
 def _parse_value(text: str) -> Any:
@@ -187,6 +189,8 @@ def routers(args: argparse.Namespace, preset: BenchPreset, notes: list[str]) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.matrix:
+        return run_matrix_command(args)
     preset = PRESETS["quick" if args.quick else args.preset]
     started = time.monotonic()
     try:
