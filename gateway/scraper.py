@@ -50,6 +50,7 @@ class MetricsScraper:
             log.debug("scrape of %s failed: %r", ep.url, exc)
             return False
         load = parse_pod_load(text)
+        ep.in_flight_at_scrape = ep.in_flight
         ep.waiting = load.waiting
         ep.running = load.running
         ep.kv_usage = load.kv_usage

@@ -37,6 +37,7 @@ class Endpoint:
     block_size: int | None = None  # from vllm:cache_config_info
     num_gpu_blocks: int | None = None  # from vllm:cache_config_info
     last_scrape: float = 0.0
+    in_flight_at_scrape: int = 0  # in_flight when the last scrape was taken (other gateways' work: the rest)
     labels: dict[str, str] = field(default_factory=dict)
 
     @property

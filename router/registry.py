@@ -30,7 +30,7 @@ POLICIES: dict[str, str] = {
     "power_of_two": "router.policies.power_of_two:PowerOfTwoPolicy",
     "session": "router.policies.session:SessionPolicy",
     "weighted": "router.policies.weighted:WeightedPolicy",
-    "cache_aware": "router.policies.weighted:WeightedPolicy",  # for now: the TTFT policy replaces it
+    "cache_aware": "router.policies.predicted_ttft:PredictedTTFTPolicy",
 }
 
 

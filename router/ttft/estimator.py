@@ -39,7 +39,7 @@ class RatePrior:
     prefill_tokens_per_s: float = 16_000.0
     overhead_s: float = 0.010
     interference_s: float = 0.0002  # added TTFT per running request
-    strength: float = 4.0  # the prior weighs as much as this many samples of unit-scale features
+    strength: float = 0.5  # the prior weighs as much as this many samples of 1000 tokens
 
     def __post_init__(self) -> None:
         if self.prefill_tokens_per_s <= 0 or self.overhead_s < 0 or self.interference_s < 0:

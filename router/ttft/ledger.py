@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from router.endpoint import Endpoint
 from router.ttft.estimator import RatePrior, TTFTEstimator
 
 Clock = Callable[[], float]
@@ -77,6 +78,7 @@ class PodLedger:
     mean_work_tokens: float = 0.0  # EWMA of own attempts' uncached tokens (prices foreign waiting)
     foreign_waiting: float = 0.0  # reconciled from the last scrape
     foreign_running: float = 0.0
+    reconciled_at: float = 0.0  # Endpoint.last_scrape of the scrape last reconciled
 
     # ---- prediction ---------------------------------------------------------------------------
 
@@ -155,6 +157,11 @@ class PodLedger:
     def _end_prefill(self, attempt: Attempt) -> None:
         self.prefill_tokens -= attempt.work_tokens
         self.prefilling -= 1
+
+    def reconcile_endpoint(self, ep: Endpoint) -> None:
+        """Reconcile with the endpoint's latest scrape (once per scrape)."""
+        self.reconciled_at = ep.last_scrape
+        self.reconcile(ep.waiting, ep.running, ep.in_flight_at_scrape)
 
     def reconcile(self, waiting: int, running: int, own_in_flight_at_scrape: int) -> None:
         """A scrape reported `waiting` and `running` while this gateway had `own_in_flight_at_scrape`
