@@ -1,13 +1,16 @@
 """Mooncake-format trace replay: prompts built from `hash_ids`, arrivals from `timestamp`.
 
-One JSON object a line: `timestamp` (ms), `input_length`, `output_length`, `hash_ids` (chained ids of
-512-token blocks; equal ids give equal content). Each id becomes `block_tokens` deterministic words
-(512 reproduces the trace; smaller scales every prompt down to fit a simulated fleet, lengths scaled by
-block_tokens/512); the last block is cut so the prompt has `input_length` (scaled) tokens.
+One JSON object a line (plain or gzip-compressed, by a `.gz` suffix): `timestamp` (ms), `input_length`,
+`output_length`, `hash_ids` (chained ids of 512-token blocks; equal ids give equal content). Each id
+becomes `block_tokens` deterministic words (512 reproduces the trace; smaller scales every prompt down to
+fit a simulated fleet, lengths scaled by block_tokens/512); the last block is cut so the prompt has
+`input_length` (scaled) tokens. The default file is the public Mooncake conversation trace shipped in
+bench/traces (its README gives source and license).
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,10 +23,8 @@ from bench.workloads.words import words
 from prefixindex.tokenizer import Tokenizer, WordTokenizer
 
 TRACE_BLOCK_TOKENS = 512
-# The project's shared folder sits beside the checkout (../shared from the repository root).
-DEFAULT_TRACE = str(
-    Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
-)
+# Package data of `bench` (pyproject's package-data), so an installed kvgate has it too.
+DEFAULT_TRACE = str(Path(__file__).resolve().parents[1] / "traces" / "mooncake_conversation_trace.jsonl.gz")
 
 
 @dataclass(slots=True, frozen=True)
@@ -52,7 +53,8 @@ def read_trace(path: str | Path, start_s: float = 0.0, end_s: float | None = Non
                first: int | None = None) -> list[TraceRecord]:
     """Records with `start_s <= timestamp < end_s`, at most `first` of them, in file order."""
     out: list[TraceRecord] = []
-    with open(path, "rb") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if first is not None and len(out) >= first:
                 break
