@@ -44,64 +44,85 @@ from bench.workloads.shared_prefix import PRESETS as SHARED_PREFIX_PRESETS
 from bench.workloads.trace import DEFAULT_TRACE
 from prefixindex.tokenizer import WordTokenizer
 
+FROM_PRESET = "default: the preset's"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="fleet + workload + load")
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--out", default="bench-out/latest", help="report folder")
     parser.add_argument("--model", default="sim-model", help="served model name of the simulated pods")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the workload, the arrivals and the simulated pods")
 
     routers = parser.add_argument_group("routers")
-    routers.add_argument("--policies", help="comma list of policy or policy/index (approximate|precise); "
-                         "default: round_robin,least_request,cache_aware/approximate,cache_aware/precise")
+    routers.add_argument("--policies", help="comma list of policy or policy/index (approximate|precise) "
+                         "(default: the preset's: round_robin, least_request, cache_aware/approximate, "
+                         "cache_aware/precise)")
     routers.add_argument("--all-policies", action="store_true", help="add every other registered policy")
     routers.add_argument("--sglang", choices=["auto", "off"], default="auto",
                          help="auto: also run the SGLang router on the same fleet when it is installed")
     routers.add_argument("--sglang-python", default=sys.executable,
                          help="interpreter with sglang_router installed (e.g. a separate venv's python)")
     routers.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
-                         help="extra argument for every `kvgate serve` (repeat)")
+                         help="extra argument for every `kvgate serve` (repeat; default: none)")
 
     fleet = parser.add_argument_group("simulated fleet (overrides the preset)")
-    fleet.add_argument("--pods", type=int)
-    fleet.add_argument("--num-gpu-blocks", type=int, help="KV blocks per pod")
-    fleet.add_argument("--block-size", type=int)
-    fleet.add_argument("--prefill-tps", type=float, help="prefill rate per pod, uncached tokens/s")
-    fleet.add_argument("--itl-ms", type=float, help="decode step at batch 1, ms")
-    fleet.add_argument("--max-num-seqs", type=int)
+    fleet.add_argument("--pods", type=int, help=f"simulated pods ({FROM_PRESET})")
+    fleet.add_argument("--num-gpu-blocks", type=int, help=f"KV blocks per pod ({FROM_PRESET})")
+    fleet.add_argument("--block-size", type=int, help=f"tokens per KV block ({FROM_PRESET})")
+    fleet.add_argument("--prefill-tps", type=float,
+                       help=f"prefill rate per pod, uncached tokens/s ({FROM_PRESET})")
+    fleet.add_argument("--itl-ms", type=float, help=f"decode step at batch 1, ms ({FROM_PRESET})")
+    fleet.add_argument("--max-num-seqs", type=int, help=f"running-batch limit per pod ({FROM_PRESET})")
     fleet.add_argument("--pod-opt", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other `kvgate sim` option, e.g. jitter=0.1 (repeat)")
+                       help="any other `kvgate sim` option, e.g. jitter=0.1 (repeat; default: the "
+                       "preset's, then `kvgate sim`'s defaults)")
 
     load = parser.add_argument_group("load")
-    load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
-    load.add_argument("--rates", help="comma list of rates: a sweep (plots TTFT p90 and throughput vs rate)")
-    load.add_argument("--concurrency", type=int, help="closed loop: N users instead of a rate")
-    load.add_argument("--warmup", type=int, help="short unique requests through each router before measuring")
+    load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (default: the "
+                      "preset's rates; trace: the trace's own arrival times)")
+    load.add_argument("--rates", help="comma list of rates: a sweep (plots TTFT p90 and throughput vs rate; "
+                      "default: one rate, see --rate)")
+    load.add_argument("--concurrency", type=int,
+                      help="closed loop: N users instead of a rate (default: open loop)")
+    load.add_argument("--warmup", type=int,
+                      help=f"short unique requests through each router before measuring ({FROM_PRESET})")
     load.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
 
     wl = parser.add_argument_group("workload")
-    wl.add_argument("--workload", choices=["shared-prefix", "multi-turn", "trace"], default="shared-prefix")
-    wl.add_argument("--api", choices=["completions", "chat"])
+    wl.add_argument("--workload", choices=["shared-prefix", "multi-turn", "trace"], default="shared-prefix",
+                    help="shared-prefix: the preset's groups; multi-turn: growing chat histories; trace: "
+                    "replay a Mooncake-format trace")
+    wl.add_argument("--api", choices=["completions", "chat"],
+                    help="OpenAI API to call (default: chat for multi-turn, else the preset's)")
     wl.add_argument("--prompt-format", choices=["text", "tokens"], default="text",
                     help="tokens: send completion prompts as token ids")
     wl.add_argument("--shape", choices=sorted(SHARED_PREFIX_PRESETS),
-                    help="shared-prefix: a published shape, scaled by --kv-fraction to the fleet")
+                    help="shared-prefix: a published shape, scaled by --kv-fraction to the fleet "
+                    "(default: the preset's workload)")
     wl.add_argument("--kv-fraction", type=float, default=0.7,
                     help="with --shape: the fraction of the fleet's KV its prefixes need")
-    wl.add_argument("--groups", type=int)
-    wl.add_argument("--prompts-per-group", type=int)
-    wl.add_argument("--system-tokens", type=int)
-    wl.add_argument("--question-tokens", type=int)
-    wl.add_argument("--output-tokens", type=int)
-    wl.add_argument("--conversations", type=int, default=32, help="multi-turn")
-    wl.add_argument("--turns", type=int, default=4, help="multi-turn")
-    wl.add_argument("--user-tokens", type=int, default=64, help="multi-turn")
+    wl.add_argument("--groups", type=int, help=f"shared-prefix: prefix groups ({FROM_PRESET})")
+    wl.add_argument("--prompts-per-group", type=int, help=f"shared-prefix: prompts per group ({FROM_PRESET})")
+    wl.add_argument("--system-tokens", type=int,
+                    help=f"shared-prefix: tokens of each group's shared prefix ({FROM_PRESET}); "
+                    "multi-turn: of the system prompt (default: 256)")
+    wl.add_argument("--question-tokens", type=int,
+                    help=f"shared-prefix: tokens of each prompt's own question ({FROM_PRESET})")
+    wl.add_argument("--output-tokens", type=int,
+                    help=f"max_tokens of each request ({FROM_PRESET}; multi-turn: 32; trace: the trace's, "
+                    "scaled like the prompts)")
+    wl.add_argument("--conversations", type=int, default=32, help="multi-turn: conversations")
+    wl.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    wl.add_argument("--user-tokens", type=int, default=64, help="multi-turn: tokens of each user message")
     wl.add_argument("--think-time", type=float, default=1.0, help="multi-turn: mean seconds")
-    wl.add_argument("--trace", default=DEFAULT_TRACE, help="Mooncake-format trace")
+    wl.add_argument("--trace", default=DEFAULT_TRACE,
+                    help="Mooncake-format trace, .jsonl or .jsonl.gz; kvgate ships the public Mooncake "
+                    "conversation trace (bench/traces)")
     wl.add_argument("--trace-first", type=int, default=300, help="trace: first N requests (0: all)")
     wl.add_argument("--trace-start", type=float, default=0.0, help="trace: window start, seconds")
-    wl.add_argument("--trace-end", type=float, help="trace: window end, seconds")
+    wl.add_argument("--trace-end", type=float, help="trace: window end, seconds (default: the trace's end)")
     wl.add_argument("--trace-speed", type=float, default=1.0, help="trace: replay speed factor")
     wl.add_argument("--trace-block-tokens", type=int, default=32,
                     help="trace: tokens per hash id (512 reproduces the trace's lengths)")

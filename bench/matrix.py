@@ -418,9 +418,11 @@ def add_matrix_arguments(parser: argparse.ArgumentParser) -> None:
     """The `--matrix` options (also `kvgate bench`'s); the fleet, workload and load flags do not apply."""
     g = parser.add_argument_group("robustness matrix (bench/matrix.py)")
     g.add_argument("--matrix", choices=sorted(SCALES),
-                   help="run the robustness matrix instead of one comparison (quick: < 25 min on 2 cores)")
+                   help="run the robustness matrix instead of one comparison (quick: < 25 min on 2 cores; "
+                   "default: off)")
     g.add_argument("--matrix-cells", action="append", default=[], metavar="GLOB",
-                   help="only cells whose id (workload/fleet/load) matches, e.g. 'zipf/*' (repeat)")
+                   help="only cells whose id (workload/fleet/load) matches, e.g. 'zipf/*' (repeat; "
+                   "default: every cell)")
     g.add_argument("--matrix-requests", type=int, help="requests per cell (default: the scale's)")
     g.add_argument("--matrix-pods", type=int, help="pods per fleet (default: the scale's)")
     g.add_argument("--matrix-plan", action="store_true",

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
-from typing import get_args
+from collections.abc import Mapping
+from typing import Any, get_args
 
 import aiohttp
 import orjson
@@ -28,56 +30,124 @@ from gateway.config import (
     Role,
     load_config,
 )
+from router.prefix_cache import DEFAULT_BLOCK_SIZE
 from router.registry import POLICIES, PolicyError
 
 log = logging.getLogger("kvgate.serve")
 READY_PREFIX = "KVGATE_SERVE_READY"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (see config/kvgate.example.yaml)")
-    parser.add_argument("--host", help="listen address (overrides the config; default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="listen port, 0 for any free one (default 8080)")
+ENV_PREFIX = "KVGATE_"
+PRECEDENCE = (
+    "Each flag may come from its KVGATE_* environment variable instead (repeated flags: values separated "
+    "by spaces). A flag on the command line wins over its variable, both win over --config, and the "
+    "defaults shown apply when none of them sets a value."
+)
+
+
+def env_name(flag: str) -> str:
+    """`--kv-events-replay` -> `KVGATE_KV_EVENTS_REPLAY`."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+class _Repeat(argparse.Action):
+    """`append`, except that values on the command line replace a default (taken from the environment)
+    instead of adding to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        items = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if items is self.default else items), values])
+
+
+class _EnvFlags:
+    """Adds flags that also read a KVGATE_* variable: the variable's value becomes the flag's default
+    (checked like a command-line value: a bad one is a usage error naming it), and the help line names
+    the variable and the default in force."""
+
+    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+        self.parser = parser
+        self.environ = environ
+
+    def add(self, group: argparse._ActionsContainer, flag: str, help_text: str, *, shown: object = None,
+            repeat: bool = False, **kwargs: Any) -> None:
+        """`shown` describes the default when the flag itself has none (the config's value applies);
+        `repeat` makes a flag given once per value (its variable: values separated by spaces)."""
+        name = env_name(flag)
+        if repeat:
+            kwargs.update(action=_Repeat, default=[])
+        action = group.add_argument(flag, **kwargs)
+        raw = self.environ.get(name, "").strip()
+        if raw:  # an empty variable counts as unset
+            try:
+                values = [_convert(action, v) for v in raw.split()] if repeat else _convert(action, raw)
+            except (TypeError, ValueError) as exc:
+                self.parser.error(f"{name}={raw!r}: {exc}")
+            action.default = values
+        if action.default not in (None, []):
+            default = " ".join(action.default) if repeat else "%(default)s"
+        else:
+            default = "none" if shown is None else str(shown)
+        action.help = f"{help_text} (default: {default}; env {name})"
+
+
+def _convert(action: argparse.Action, raw: str) -> Any:
+    value = action.type(raw) if callable(action.type) else raw
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
+    """The serve flags, with defaults from `environ` (os.environ by default)."""
+    add = _EnvFlags(parser, os.environ if environ is None else environ).add
+    d = GatewayConfig(pools=[])  # the built-in defaults a config file starts from
+    parser.description = f"run the gateway. {PRECEDENCE}"
+    add(parser, "--config", "YAML config file (see config/kvgate.example.yaml)",
+        shown="none: the quick-start flags")
+    add(parser, "--host", "listen address", shown=d.listen.host)
+    add(parser, "--port", "listen port, 0 for any free one", type=int, shown=d.listen.port)
     quick = parser.add_argument_group("quick start (one pool, instead of --config)")
-    quick.add_argument(
-        "--backend",
-        action="append",
-        default=[],
-        metavar="URL[#role=R,version=V]",
-        help="a pod; repeat. P/D: role prefill|decode|both (default both) and version, e.g. "
-        "http://p0:8000#role=prefill,version=v1",
-    )
-    quick.add_argument("--model", help="model name served by the backends (default: ask the first one)")
-    quick.add_argument("--policy", default="least_request", choices=sorted(POLICIES))
-    quick.add_argument("--index", choices=["approximate", "precise"], help="cache_aware: prefix index kind")
-    quick.add_argument(
-        "--kv-events", action="append", default=[], metavar="ENDPOINT", help="per backend, same order"
-    )
-    quick.add_argument("--kv-events-replay", action="append", default=[], metavar="ENDPOINT")
-    quick.add_argument("--tokenizer", help="HuggingFace tokenizer dir for cache-aware routing")
-    quick.add_argument("--block-size", type=int)
+    add(quick, "--backend",
+        "a pod; repeat. P/D: role prefill|decode|both (default both) and version, e.g. "
+        "http://p0:8000#role=prefill,version=v1", repeat=True, metavar="URL[#role=R,version=V]")
+    add(quick, "--model", "model name served by the backends", shown="the first one the first backend lists")
+    add(quick, "--policy", "routing policy", default="least_request", choices=sorted(POLICIES))
+    add(quick, "--index", "cache_aware: prefix index kind", choices=["approximate", "precise"],
+        shown="approximate")
+    add(quick, "--kv-events", "precise index: a pod's KV-events ZMQ endpoint, once per --backend in "
+        "the same order", repeat=True, metavar="ENDPOINT")
+    add(quick, "--kv-events-replay", "a pod's KV-events replay endpoint, once per --backend", repeat=True,
+        metavar="ENDPOINT")
+    add(quick, "--tokenizer", "HuggingFace tokenizer dir for cache-aware routing",
+        shown="a built-in word tokenizer")
+    add(quick, "--block-size", "tokens per KV block for cache-aware routing", type=int,
+        shown=f"what the pods report, else {DEFAULT_BLOCK_SIZE}")
     pd = parser.add_argument_group("prefill/decode disaggregation (quick start; with prefill backends)")
-    pd.add_argument("--pd-threshold-tokens", type=int, help="uncached prompt tokens worth a prefill pod")
-    pd.add_argument("--pd-prefill-timeout", type=float, help="seconds before falling back to local prefill")
-    pd.add_argument(
-        "--pd-compatible",
-        action="append",
-        default=[],
-        metavar="DECODE_V=PREFILL_V[,...]",
-        help="decode pods of DECODE_V also read KV from these prefill versions; repeat",
-    )
+    pd_defaults = PDSpec()
+    add(pd, "--pd-threshold-tokens", "uncached prompt tokens worth a prefill pod", type=int,
+        shown=pd_defaults.threshold_tokens)
+    add(pd, "--pd-prefill-timeout", "seconds before falling back to local prefill", type=float,
+        shown=pd_defaults.prefill_timeout_s)
+    add(pd, "--pd-compatible", "decode pods of DECODE_V also read KV from these prefill versions; repeat",
+        repeat=True, metavar="DECODE_V=PREFILL_V[,...]", shown="equal versions only")
     tune = parser.add_argument_group("tuning (override the config)")
-    tune.add_argument("--retries", type=int, help="extra attempts on other pods")
-    tune.add_argument("--health-interval", type=float)
-    tune.add_argument("--scrape-interval", type=float, help="seconds; 0 disables scraping")
-    tune.add_argument("--connect-timeout", type=float)
-    tune.add_argument("--read-timeout", type=float)
-    tune.add_argument("--shutdown-timeout", type=float)
-    tune.add_argument("--max-body-bytes", type=int)
-    tune.add_argument("--api-keys-file")
-    tune.add_argument("--api-keys-env", help="environment variable with comma-separated keys")
-    tune.add_argument("--seed", type=int, help="seed for the policies' random choices")
-    parser.add_argument("--log-level", default="INFO")
+    add(tune, "--retries", "extra attempts on other pods", type=int, shown=d.retries.max_retries)
+    add(tune, "--health-interval", "seconds between active health checks of a pod", type=float,
+        shown=d.health.interval)
+    add(tune, "--scrape-interval", "seconds between /metrics scrapes of a pod; 0 disables scraping",
+        type=float, shown=d.scrape.interval)
+    add(tune, "--connect-timeout", "seconds to open a connection to a pod", type=float,
+        shown=d.timeouts.connect)
+    add(tune, "--read-timeout", "longest silence from a pod, seconds", type=float, shown=d.timeouts.read)
+    add(tune, "--shutdown-timeout", "seconds in-flight requests may run on after SIGTERM", type=float,
+        shown=d.timeouts.shutdown)
+    add(tune, "--max-body-bytes", "largest request body accepted", type=int, shown=d.limits.max_body_bytes)
+    add(tune, "--api-keys-file", "file of accepted API keys, one a line", shown="no API keys: open")
+    add(tune, "--api-keys-env", "environment variable with comma-separated API keys",
+        shown="no API keys: open")
+    add(tune, "--seed", "seed for the policies' random choices", type=int, shown="random")
+    add(parser, "--log-level", "Python logging level", default="INFO")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--port-base", type=int, default=None,
-        help="with --pods N: ports port-base .. port-base+N-1 (0: the OS chooses each); default --port",
+        help="with --pods N: ports port-base .. port-base+N-1, 0: the OS chooses each (default: --port)",
     )
     parser.add_argument("--log-level", default="WARNING", help="Python logging level")
     parser.add_argument(
@@ -122,9 +122,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.sim.cli`, as launchers run pods: the same options and help as `kvgate sim`."""
+    from gateway.cli import HelpFormatter
+
     parser = argparse.ArgumentParser(
-        prog="kvgate sim", description="run simulated vLLM pod(s)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="kvgate sim", description="run simulated vLLM pod(s)", formatter_class=HelpFormatter
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

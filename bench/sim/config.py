@@ -23,7 +23,8 @@ class SimConfig:
 
     model: str = _opt("sim-model", "served model name, as vLLM's --served-model-name")
     tokenizer: str | None = _opt(
-        None, "HuggingFace tokenizer dir (tokenizer.json + tokenizer_config.json); default: WordTokenizer"
+        None,
+        "HuggingFace tokenizer dir (tokenizer.json + tokenizer_config.json) (default: a WordTokenizer)",
     )
     max_model_len: int = _opt(32768, "context length (vLLM --max-model-len; Llama-3.1-8B served at 32k)")
     block_size: int = _opt(16, "tokens per KV block (vLLM's default --block-size on GPU)")
@@ -51,18 +52,21 @@ class SimConfig:
         30.0, "P/D: seconds a prefill pod holds blocks for the decode pod (NIXL kv_lease_duration)"
     )
     jitter: float = _opt(0.0, "relative step-time noise: each step x uniform(1-j, 1+j); 0 is exact")
-    seed: int | None = _opt(None, "seed of the step-time jitter; None: random")
+    seed: int | None = _opt(None, "seed of the step-time jitter (default: random)")
     hash_seed: str | None = _opt(
         None,
-        "seed of the block-hash chain (vLLM's PYTHONHASHSEED). None: vLLM 0.32's default for sha256, a "
-        "fixed seed, so every pod hashes the same tokens alike; 'random': a fresh seed per pod, as vLLM "
-        "with a non-cryptographic hash (xxhash)",
+        "seed of the block-hash chain (vLLM's PYTHONHASHSEED); 'random': a fresh seed per pod, as vLLM "
+        "with a non-cryptographic hash (xxhash) (default: vLLM 0.32's for sha256, a fixed seed, so every "
+        "pod hashes the same tokens alike)",
     )
     enable_prefix_caching: bool = _opt(True, "reuse cached prefix blocks (vLLM V1 default)")
     kv_events_endpoint: str | None = _opt(
-        None, "ZMQ PUB endpoint for KV events; binds if it contains '*', else connects (as vLLM)"
+        None, "ZMQ PUB endpoint for KV events; binds if it contains '*', else connects (as vLLM) "
+        "(default: none, no KV events)"
     )
-    kv_events_replay_endpoint: str | None = _opt(None, "ZMQ ROUTER endpoint answering replay requests")
+    kv_events_replay_endpoint: str | None = _opt(
+        None, "ZMQ ROUTER endpoint answering replay requests (default: none, no replay)"
+    )
     kv_events_topic: str = _opt(
         "", "topic frame of KV-event messages (vLLM KVEventsConfig default ''); {host}, {port} and "
         "{model} are filled in; `--pods N` defaults to kv@{host}:{port}@{model}"
@@ -75,7 +79,7 @@ class SimConfig:
         "both", "P/D role: both (a plain pod: kv_transfer_params ignored), or prefill / decode (a pod "
         "with NixlConnector: serves do_remote_decode and do_remote_prefill requests)"
     )
-    engine_id: str | None = _opt(None, "engine id in kv_transfer_params; None: a random uuid")
+    engine_id: str | None = _opt(None, "engine id in kv_transfer_params (default: a random uuid)")
     data_parallel_rank: int = _opt(0, "dp rank in KV-event batches")
 
     def validate(self) -> None:
