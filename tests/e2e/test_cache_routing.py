@@ -7,15 +7,15 @@ pod's own cache; a restarted gateway rebuilds that view from the pods' replay so
 
 from __future__ import annotations
 
-import asyncio
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import eventually
 from prometheus_client import CollectorRegistry
 
 from bench.sim.fleet import SimFleet
@@ -45,14 +45,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-async def eventually(cond: Callable[[], bool], within: float = 10.0) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if cond():
-                return
-            await asyncio.sleep(0.02)
 
 
 class Gateway:

@@ -7,7 +7,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 import aiohttp
-from gateway_fakes import pool_config, wait_for
+from gateway_fakes import pool_config
+from helpers import eventually
 
 from gateway.state import STATE
 from router.endpoint import Endpoint
@@ -68,7 +69,7 @@ async def test_hooks_once_per_attempt_and_in_flight_exact(fake_pods, start_gatew
     r.close()
     await session.close()
     endpoints = gw.app[STATE].pools.get("m").endpoints
-    await wait_for(
+    await eventually(
         lambda: (
             all(ep.in_flight == 0 for ep in endpoints) and len(policy.finished) == sum(policy.routed.values())
         )
@@ -97,6 +98,6 @@ async def test_in_flight_counts_concurrent_requests(fake_pods, start_gateway, cl
             assert r.status == 200
 
     tasks = [asyncio.create_task(one()) for _ in range(5)]
-    await wait_for(lambda: endpoint.in_flight == 5)
+    await eventually(lambda: endpoint.in_flight == 5)
     await asyncio.gather(*tasks)
     assert endpoint.in_flight == 0

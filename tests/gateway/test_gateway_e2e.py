@@ -13,7 +13,8 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from gateway_fakes import pool_config, wait_for
+from gateway_fakes import pool_config
+from helpers import eventually
 
 from bench.sim.fleet import SimFleet, SimFleetProcess
 from gateway.state import STATE
@@ -120,17 +121,14 @@ async def test_client_disconnect_frees_the_pods_slot(start_gateway):
             body = {"model": "m", "messages": CHAT, "max_tokens": 2000, "stream": True, "ignore_eos": True}
             r = await session.post(gw.url + "/v1/chat/completions", json=body)
             await r.content.readline()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 5.0
-            while await running() != 1.0:
-                assert loop.time() < deadline, "the pod never reported the request running"
-                await asyncio.sleep(0.02)
+            async def running_is(n: float) -> bool:
+                return await running() == n
+
+            await eventually(lambda: running_is(1.0), within=5.0, what="the pod to run the request")
             r.close()
             await session.close()
-            deadline = loop.time() + 5.0  # the whole answer would take 40 s
-            while await running() != 0.0:
-                assert loop.time() < deadline, "the pod still runs the abandoned request"
-                await asyncio.sleep(0.02)
+            # the whole answer would take 40 s
+            await eventually(lambda: running_is(0.0), within=5.0, what="the pod to drop the request")
         assert fleet.pods[0].engine.running == []
         assert gw.app[STATE].pools.get("m").endpoints[0].in_flight == 0
 
@@ -159,7 +157,7 @@ async def test_sim_pod_down_is_ejected_and_readmitted(start_gateway):
         gw = await start_gateway(pool_config(fleet.urls, health={"interval": 0.2}))
         endpoint = gw.app[STATE].pools.get("m").endpoints[1]
         await fleet.pods[1].stop()
-        await asyncio.sleep(0.4)  # two check intervals
+        await eventually(lambda: not endpoint.healthy, within=0.4, what="the ejection (two check intervals)")
         async with aiohttp.ClientSession() as client:
 
             async def served(n: int) -> set[str]:
@@ -174,7 +172,7 @@ async def test_sim_pod_down_is_ejected_and_readmitted(start_gateway):
             assert fleet.urls[1] not in await served(9)
             assert not endpoint.healthy
             await fleet.pods[1].start()
-            await wait_for(lambda: endpoint.healthy, within=2.0)
+            await eventually(lambda: endpoint.healthy, within=2.0)
             assert fleet.urls[1] in await served(9)
 
 

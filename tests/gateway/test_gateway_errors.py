@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from gateway_fakes import pool_config
+from helpers import eventually
 
 from gateway.app import build_app
 from gateway.state import STATE
@@ -147,7 +148,16 @@ async def test_graceful_shutdown_finishes_in_flight_stream_and_refuses_new(fake_
     async with client.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
         await r.content.readline()
         shutdown = asyncio.create_task(runner.cleanup())
-        await asyncio.sleep(0.05)
+
+        async def refused() -> bool:
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as probe:
+                    await probe.get(url + "/health")
+            except aiohttp.ClientConnectionError:
+                return True
+            return False
+
+        await eventually(refused, within=2.0, what="the listener to close")
         with pytest.raises(aiohttp.ClientConnectionError):
             async with aiohttp.ClientSession() as fresh:
                 await fresh.get(url + "/health")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from gateway_fakes import pool_config, wait_for
+from gateway_fakes import pool_config
+from helpers import eventually
 
 from gateway.state import STATE
 
@@ -28,7 +27,8 @@ async def test_failing_health_check_ejects_within_two_intervals_and_recovery_rea
     gw = await start_gateway(pool_config([sick.url, well.url], health={"interval": INTERVAL}))
     assert set(await _send(client, gw.url, 4)) == {sick.url, well.url}
     sick.healthy = False
-    await asyncio.sleep(2 * INTERVAL)
+    endpoint = gw.app[STATE].pools.get("m").endpoints[0]
+    await eventually(lambda: not endpoint.healthy, within=2 * INTERVAL, what="the sick pod's ejection")
     before = len(sick.seen)
     assert set(await _send(client, gw.url, 6)) == {well.url}
     assert len(sick.seen) == before
@@ -37,8 +37,7 @@ async def test_failing_health_check_ejects_within_two_intervals_and_recovery_rea
     assert f'kvgate_ejections_total{{cause="active",endpoint="{sick.url}"}} 1.0' in text
     assert f'kvgate_endpoint_healthy{{endpoint="{sick.url}",model="m"}} 0.0' in text
     sick.healthy = True
-    endpoint = gw.app[STATE].pools.get("m").endpoints[0]
-    await wait_for(lambda: endpoint.healthy, within=4 * INTERVAL)
+    await eventually(lambda: endpoint.healthy, within=4 * INTERVAL)
     assert sick.url in set(await _send(client, gw.url, 6))
 
 
@@ -59,12 +58,12 @@ async def test_consecutive_failed_attempts_eject_passively(fake_pods, start_gate
 async def test_stopped_pod_gets_nothing_after_two_intervals_then_returns(fake_pods, start_gateway, client):
     a, b, c = await fake_pods(3)
     gw = await start_gateway(pool_config([a.url, b.url, c.url], health={"interval": INTERVAL}))
+    endpoint = gw.app[STATE].pools.get("m").endpoints[0]
     await a.stop()
-    await asyncio.sleep(2 * INTERVAL)
+    await eventually(lambda: not endpoint.healthy, within=2 * INTERVAL, what="the stopped pod's ejection")
     assert a.url not in set(await _send(client, gw.url, 9))
     await a.restart()
-    endpoint = gw.app[STATE].pools.get("m").endpoints[0]
-    await wait_for(lambda: endpoint.healthy, within=4 * INTERVAL)
+    await eventually(lambda: endpoint.healthy, within=4 * INTERVAL)
     assert a.url in set(await _send(client, gw.url, 9))
 
 
@@ -72,7 +71,7 @@ async def test_scraper_writes_pod_load_into_endpoints(fake_pods, start_gateway):
     (pod,) = await fake_pods(1)
     gw = await start_gateway(pool_config([pod.url]))
     endpoint = gw.app[STATE].pools.get("m").endpoints[0]
-    await wait_for(lambda: endpoint.last_scrape > 0)
+    await eventually(lambda: endpoint.last_scrape > 0)
     assert (endpoint.waiting, endpoint.kv_usage) == (2, 0.5)
     assert (endpoint.block_size, endpoint.num_gpu_blocks) == (32, 128)
 
@@ -89,5 +88,8 @@ async def test_scrape_errors_are_counted(fake_pods, start_gateway, client):
         return float(text.split(line, 1)[1].split("\n", 1)[0]) if line in text else 0.0
 
     first = await errors()
-    await asyncio.sleep(0.35)
-    assert await errors() > first
+
+    async def counted() -> bool:
+        return await errors() > first
+
+    await eventually(counted, within=0.35, what="another scrape error")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
-from gateway_fakes import FakePod, pool_config, wait_for
+from gateway_fakes import FakePod, pool_config
+from helpers import eventually
 from prometheus_client import CollectorRegistry
 
 from gateway.health import CheckResult, HealthTracker
@@ -143,7 +144,7 @@ async def test_whole_fleet_ejected_for_slow_health_still_serves_over_all_pods(st
         for pod in pods:  # CPU starvation: every health answer is slower than the timeout
             pod.health_delay, pod.slow_checks = 1.0, 10**6
         endpoints = gw.app[STATE].pools.get("m").endpoints
-        await wait_for(lambda: not any(ep.healthy for ep in endpoints), within=10 * INTERVAL)
+        await eventually(lambda: not any(ep.healthy for ep in endpoints), within=10 * INTERVAL)
         served = []
         for _ in range(6):
             status, _, endpoint = await _post(client, gw.url)
@@ -161,12 +162,12 @@ async def test_below_panic_threshold_routes_over_all_pods(fake_pods, start_gatew
     gw = await start_gateway(pool_config([p.url for p in pods], health={"panic_threshold": 0.5}))
     endpoints = gw.app[STATE].pools.get("m").endpoints
     pods[3].healthy = pods[2].healthy = False  # 2 of 4 healthy: share 0.5, not below the threshold
-    await wait_for(lambda: not endpoints[2].healthy and not endpoints[3].healthy, within=10 * INTERVAL)
+    await eventually(lambda: not endpoints[2].healthy and not endpoints[3].healthy, within=10 * INTERVAL)
     served = {(await _post(client, gw.url))[2] for _ in range(8)}
     assert served == {pods[0].url, pods[1].url}
     assert await _metric(client, gw.url, 'kvgate_panic_routing_total{model="m"}') == 0.0
     pods[1].healthy = False  # 1 of 4: share 0.25 < 0.5, panic
-    await wait_for(lambda: not endpoints[1].healthy, within=10 * INTERVAL)
+    await eventually(lambda: not endpoints[1].healthy, within=10 * INTERVAL)
     served = {(await _post(client, gw.url))[2] for _ in range(8)}
     assert served == {p.url for p in pods}
     assert await _metric(client, gw.url, 'kvgate_panic_routing_total{model="m"}') == 8.0
@@ -179,7 +180,7 @@ async def test_panic_keeps_retrying_and_a_dead_fleet_ends_in_502_fast(fake_pods,
     await pods[0].stop()
     await pods[1].stop()
     pods[2].healthy = False  # answers requests, fails its health checks: every pod is ejected
-    await wait_for(lambda: not any(ep.healthy for ep in endpoints), within=10 * INTERVAL)
+    await eventually(lambda: not any(ep.healthy for ep in endpoints), within=10 * INTERVAL)
     for _ in range(3):  # the dead pods refuse, the retry reaches the live one
         status, _, endpoint = await _post(client, gw.url)
         assert (status, endpoint) == (200, pods[2].url)
@@ -198,11 +199,11 @@ async def test_one_slow_health_answer_does_not_eject_but_a_hung_pod_is_ejected(s
         line = f'kvgate_ejections_total{{cause="active",endpoint="{slow.url}"}}'
         slow.health_delay, slow.slow_checks = 3 * INTERVAL, 1
         calls = slow.health_calls
-        await wait_for(lambda: slow.health_calls >= calls + 4, within=20 * INTERVAL)
+        await eventually(lambda: slow.health_calls >= calls + 4, within=20 * INTERVAL)
         assert slow.slow_checks == 0 and endpoint.healthy  # the slow check happened, and was forgiven
         assert await _metric(client, gw.url, line) == 0.0
         slow.slow_checks = 10**6  # hung: every check times out
-        await wait_for(lambda: not endpoint.healthy, within=10 * INTERVAL)
+        await eventually(lambda: not endpoint.healthy, within=10 * INTERVAL)
         assert await _metric(client, gw.url, line) == 1.0
         served = {(await _post(client, gw.url))[2] for _ in range(4)}
         assert served == {other.url}

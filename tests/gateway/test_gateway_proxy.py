@@ -7,7 +7,8 @@ import asyncio
 import aiohttp
 import orjson
 import pytest
-from gateway_fakes import pool_config, wait_for
+from gateway_fakes import pool_config
+from helpers import eventually
 
 from gateway.state import STATE
 
@@ -125,7 +126,7 @@ async def test_client_disconnect_cancels_upstream_and_restores_in_flight(fake_po
     assert pod.running == 1
     r.close()
     await session.close()
-    await wait_for(lambda: pod.running == 0, within=3.0)
+    await eventually(lambda: pod.running == 0, within=3.0)
     assert pod.cancelled == 1
     assert gw.app[STATE].pools.get("m").endpoints[0].in_flight == 0
 
@@ -145,8 +146,8 @@ async def test_client_leaving_before_the_first_byte_cancels_upstream(fake_pods, 
     gw = await start_gateway(pool_config([pod.url]))
     async with aiohttp.ClientSession() as session:
         task = asyncio.create_task(session.post(gw.url + "/v1/chat/completions", json=CHAT))
-        await wait_for(lambda: pod.running == 1)
+        await eventually(lambda: pod.running == 1)
         task.cancel()
-    await wait_for(lambda: pod.running == 0, within=2.0)  # long before the 5 s answer
+    await eventually(lambda: pod.running == 0, within=2.0)  # long before the 5 s answer
     assert pod.cancelled == 1
     assert gw.app[STATE].pools.get("m").endpoints[0].in_flight == 0

@@ -5,8 +5,6 @@ Everything listens on 127.0.0.1 on OS-chosen ports; pods run in this event loop 
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,16 +82,6 @@ class PDWorld:
 def endpoint_spec(rec: Recorder, spec: PodSpec, kv_events: str | None = None) -> EndpointSpec:
     role = spec.gateway_role or spec.role
     return EndpointSpec(url=rec.url, role=role, version=spec.version, kv_events=kv_events)  # type: ignore[arg-type]
-
-
-async def wait_for(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
-    """Poll `predicate` until true; AssertionError naming `what` after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def long_prompt(n_words: int, tag: str = "") -> str:

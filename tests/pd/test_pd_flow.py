@@ -7,7 +7,8 @@ import asyncio
 import aiohttp
 import openai
 import pytest
-from pd_harness import MODEL, PDWorld, PodSpec, long_prompt, wait_for
+from helpers import eventually
+from pd_harness import MODEL, PDWorld, PodSpec, long_prompt
 
 from gateway.config import PDSpec
 from gateway.pd_flow import PREFILL_TRANSFER_PARAMS, X_PREFILL_ENDPOINT
@@ -47,7 +48,7 @@ async def test_prefill_gets_the_exact_request_shape_and_decode_gets_its_params(p
     assert params["remote_port"] == world.pod(0).port and params["remote_block_ids"]
     assert world.outcomes()["disaggregated"] == 1
     assert world.sample("kvgate_pd_prefill_duration_seconds_count", model=MODEL, result="ok") == 1
-    await wait_for(lambda: world.in_flight() == 0, "no request in flight")
+    await eventually(lambda: world.in_flight() == 0, what="no request in flight")
 
 
 async def test_streaming_chat_through_the_flow_with_the_openai_sdk(pd_world):
@@ -138,7 +139,7 @@ async def test_a_slow_prefill_times_out_and_falls_back(pd_world, client):
         assert r.status == 200
         text = await r.text()
     assert text.endswith("data: [DONE]\n\n") and "error" not in text
-    await wait_for(lambda: world.recorders[0].cancelled == 1, "the stalled prefill to be cancelled")
+    await eventually(lambda: world.recorders[0].cancelled == 1, what="the stalled prefill to be cancelled")
     assert world.outcomes()["fallback_prefill_failed"] == 1
     assert world.sample("kvgate_pd_prefill_duration_seconds_count", model=MODEL, result="timeout") == 1
 
@@ -152,8 +153,8 @@ async def test_client_disconnect_during_prefill_cancels_it(pd_world, client):
             world.url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.5)
         ) as r:
             await r.read()
-    await wait_for(lambda: world.recorders[0].cancelled == 1, "the prefill step to be cancelled")
-    await wait_for(lambda: world.in_flight() == 0, "no request in flight")
+    await eventually(lambda: world.recorders[0].cancelled == 1, what="the prefill step to be cancelled")
+    await eventually(lambda: world.in_flight() == 0, what="no request in flight")
     assert world.recorders[1].generations() == []  # the decode step never started
 
 
@@ -166,8 +167,9 @@ async def test_client_disconnect_during_decode_aborts_the_decode_pod(pd_world, c
         decode_engine = world.pod(1).engine
         assert decode_engine is not None and decode_engine.running
     # the response is closed here, long before 2000 tokens
-    await wait_for(lambda: not decode_engine.running and not decode_engine.waiting, "the decode pod to abort")
-    await wait_for(lambda: world.recorders[1].cancelled == 1, "the recorder to see the disconnect")
+    await eventually(lambda: not decode_engine.running and not decode_engine.waiting,
+                     what="the decode pod to abort")
+    await eventually(lambda: world.recorders[1].cancelled == 1, what="the recorder to see the disconnect")
 
 
 async def test_bad_input_gets_the_pods_openai_error_not_a_hang(pd_world, client):
@@ -240,7 +242,8 @@ async def test_precise_index_learns_both_pods_blocks_from_their_events(pd_world,
         return cache.index.match(keys, [prefill, decode])
 
     # 320 tokens = 20 full blocks; both pods report them (the decode pod after pulling the KV)
-    await wait_for(lambda: held().get(prefill, 0) >= 19 and held().get(decode, 0) >= 19, "both pods' events")
+    await eventually(lambda: held().get(prefill, 0) >= 19 and held().get(decode, 0) >= 19,
+                     what="both pods' events")
 
 
 async def test_a_failed_decode_after_a_prefill_forgets_what_it_taught_the_decode_pod(pd_world, client):
@@ -256,7 +259,7 @@ async def test_a_failed_decode_after_a_prefill_forgets_what_it_taught_the_decode
     assert cache is not None
     keys = cache.keys_for(RouteRequest("probe", MODEL, "/v1/completions", body, {}))
     prefill, decode = world.endpoint(0), world.endpoint(1)
-    await wait_for(lambda: world.in_flight() == 0, "no request in flight")
+    await eventually(lambda: world.in_flight() == 0, what="no request in flight")
     assert cache.match(keys, [prefill, decode]) == {prefill: 20}  # the prefill succeeded: kept
 
 
@@ -265,11 +268,11 @@ async def test_prefill_work_is_charged_to_the_prefill_pod_while_it_runs(pd_world
     world.recorders[0].stall_s = 30.0
     body = {"model": MODEL, "prompt": long_prompt(300), "max_tokens": 2}
     task = asyncio.create_task(client.post(world.url + "/v1/completions", json=body))
-    await wait_for(lambda: bool(world.recorders[0].prefills()), "the prefill step")
+    await eventually(lambda: bool(world.recorders[0].prefills()), what="the prefill step")
     prefill, decode = world.endpoint(0), world.endpoint(1)
     assert (prefill.in_flight, prefill.in_flight_tokens) == (1, 300)
     assert (decode.in_flight, decode.in_flight_tokens) == (1, 0)
     task.cancel()
-    await wait_for(lambda: world.recorders[0].cancelled == 1, "the prefill step to be cancelled")
-    await wait_for(lambda: world.in_flight() == 0, "no request in flight")
+    await eventually(lambda: world.recorders[0].cancelled == 1, what="the prefill step to be cancelled")
+    await eventually(lambda: world.in_flight() == 0, what="no request in flight")
     assert prefill.in_flight_tokens == 0 and decode.in_flight_tokens == 0

@@ -8,7 +8,8 @@ from collections import Counter
 
 import aiohttp
 import orjson
-from pd_harness import MODEL, PDWorld, PodSpec, long_prompt, wait_for
+from helpers import eventually
+from pd_harness import MODEL, PDWorld, PodSpec, long_prompt
 
 from gateway.config import PDSpec
 from router.endpoint import Endpoint
@@ -103,7 +104,7 @@ class Load:
     async def flow(self, n: int) -> None:
         """Let `n` more requests complete (bounded: fails after 20 s)."""
         target = self.done + n
-        await wait_for(lambda: self.done >= target, f"{n} more requests", within=20)
+        await eventually(lambda: self.done >= target, what=f"{n} more requests", within=20)
 
     async def stop(self) -> None:
         self.running = False
@@ -125,7 +126,7 @@ async def test_rolling_update_never_pairs_mismatched_versions(pd_world, client):
         return gone
 
     async def drain_and_stop(gone: Endpoint, i: int) -> None:
-        await wait_for(lambda: not gone.in_flight, f"{gone.url} to drain")
+        await eventually(lambda: not gone.in_flight, what=f"{gone.url} to drain")
         await world.pod(i).stop()
 
     load = Load(client, world)

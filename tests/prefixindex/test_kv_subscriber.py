@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Hashable
+import time
+from collections.abc import AsyncIterator, Hashable
 
 import pytest
 import zmq.asyncio
+from helpers import eventually
 from kv_publisher_fake import FakePublisher
 
+import prefixindex.subscriber as subscriber_module
 from prefixindex.events import BlockRemoved, EventBatch
 from prefixindex.subscriber import EventSource, KVEventSubscriber
 
@@ -30,13 +33,17 @@ class RecordingSink:
         self.notes.append((pod, what))
 
 
-async def eventually(cond: Callable[[], bool], within: float = 10.0) -> None:
-    """Wait until `cond()` holds; fail (TimeoutError) after `within` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            if cond():
-                return
-            await asyncio.sleep(0.01)
+class ShiftedClock:
+    """Stands in for the subscriber module's `time`: real monotonic time plus what a test skipped."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
 
 
 @pytest.fixture
@@ -159,7 +166,9 @@ async def test_a_lost_last_batch_is_fetched_when_the_pod_goes_quiet(zctx) -> Non
     await pub.close()
 
 
-async def test_a_restarted_pod_is_reset_even_if_its_seq_0_was_lost(zctx) -> None:
+async def test_a_restarted_pod_is_reset_even_if_its_seq_0_was_lost(zctx, monkeypatch) -> None:
+    clock = ShiftedClock()
+    monkeypatch.setattr(subscriber_module, "time", clock)
     sink = RecordingSink()
     sub = KVEventSubscriber(sink, replay_timeout=0.2, resync_interval=None)
     pub = FakePublisher(zctx, "tcp://127.0.0.1:*")
@@ -168,7 +177,7 @@ async def test_a_restarted_pod_is_reset_even_if_its_seq_0_was_lost(zctx) -> None
     for _ in range(5):
         await pub.publish(EV)
     await eventually(lambda: sub.last_seq("p") == pub.seq - 1)
-    await asyncio.sleep(1.5)  # past the window in which an old seq may be a replay's overlap
+    clock.advance(1.5)  # past the window in which an old seq may be a replay's overlap
     pub.restart()
     await pub.publish(EV, drop=True)  # the restarted pod's seq 0 never arrives live
     await pub.publish(EV)

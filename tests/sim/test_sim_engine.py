@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import aiohttp
+from helpers import eventually
 from sim_helpers import FAST, metric, post, scrape
 
 from bench.sim.fleet import SimFleet
@@ -49,10 +50,7 @@ async def test_queueing_at_max_num_seqs(http: aiohttp.ClientSession) -> None:
         assert engine is not None
         tasks = [asyncio.create_task(post(http, url + "/v1/completions",
                                           {"prompt": f"req {i}", "max_tokens": 20})) for i in range(5)]
-        for _ in range(200):
-            if len(engine.waiting) == 3:
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: len(engine.waiting) == 3, within=1.0, what="3 requests queued")
         samples = await scrape(http, url)
         assert metric(samples, "vllm:num_requests_running") == 2
         assert metric(samples, "vllm:num_requests_waiting") == 3
@@ -105,10 +103,12 @@ async def test_kv_usage_and_prefix_counters(http: aiohttp.ClientSession) -> None
     async with SimFleet(1, **{**FAST, "itl_ms": 20.0}, num_gpu_blocks=101, block_size=16) as fleet:
         url = fleet.urls[0]
         prompt = " ".join(f"k{i}" for i in range(160))  # 10 blocks
+        engine = fleet.pods[0].engine
+        assert engine is not None
         task = asyncio.create_task(post(http, url + "/v1/completions", {"prompt": prompt, "max_tokens": 5}))
-        await asyncio.sleep(0.03)
+        await eventually(lambda: bool(engine.running), what="the request to run")
         usage = metric(await scrape(http, url), "vllm:kv_cache_usage_perc")
-        assert 0.10 <= usage <= 0.12  # 10 or 11 of 100 usable blocks while it runs
+        assert 0.10 <= round(usage, 9) <= 0.12  # 10 or 11 of 100 usable blocks while it runs
         await task
         await post(http, url + "/v1/completions", {"prompt": prompt, "max_tokens": 1})
         samples = await scrape(http, url)

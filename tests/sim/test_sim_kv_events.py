@@ -10,6 +10,7 @@ import aiohttp
 import msgpack
 import zmq
 import zmq.asyncio
+from helpers import eventually
 from sim_helpers import FAST, Subscriber, post
 
 from bench.sim.fleet import SimFleet
@@ -123,8 +124,10 @@ async def test_reset_prefix_cache(http: aiohttp.ClientSession, subscriber: Subsc
         assert cleared == {"type": "AllBlocksCleared"}
         assert restored["block_hashes"] == stored[0]["block_hashes"]  # same seed, same hashes
         # while a request holds blocks, the reset fails
+        engine = fleet.pods[0].engine
+        assert engine is not None
         task = asyncio.create_task(post(http, url + "/v1/completions", {"prompt": "long", "max_tokens": 300}))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: bool(engine.running), what="the request to hold blocks")
         assert (await post(http, url + "/reset_prefix_cache", {}))[1] == {"success": False}
         await task
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import aiohttp
+from helpers import eventually
 from sim_helpers import FAST, metric, post, scrape
 
 from bench.sim.fleet import SimFleet
@@ -13,15 +13,6 @@ from bench.sim.fleet import SimFleet
 PROMPT = " ".join(f"pd{i}" for i in range(1000))  # 1000 tokens
 PREFILL_REQUEST = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                    "remote_block_ids": None, "remote_host": None, "remote_port": None}
-
-
-async def wait_for(predicate, within: float = 3.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 async def test_prefill_then_decode(http: aiohttp.ClientSession) -> None:
@@ -61,7 +52,8 @@ async def test_prefill_then_decode(http: aiohttp.ClientSession) -> None:
         async def released() -> bool:
             return metric(await scrape(http, prefill.url), "vllm:kv_cache_usage_perc") == 0.0
 
-        assert await wait_for(released)  # the decode pod told the prefill pod it read the blocks
+        # the decode pod told the prefill pod it read the blocks
+        await eventually(released, within=3.0, what="the prefill pod to release the blocks")
 
 
 async def test_held_blocks_expire_without_a_decode(http: aiohttp.ClientSession) -> None:
@@ -75,7 +67,7 @@ async def test_held_blocks_expire_without_a_decode(http: aiohttp.ClientSession) 
         async def expired() -> bool:
             return metric(await scrape(http, url), "vllm:kv_cache_usage_perc") == 0.0
 
-        assert await wait_for(expired)
+        await eventually(expired, within=3.0, what="the held blocks to expire")
 
 
 async def test_plain_pod_ignores_transfer_params(http: aiohttp.ClientSession) -> None:

@@ -11,8 +11,10 @@ session: do not rely on blocks cached by another test, and send prompts of your 
 the prefix cache (`POST /reset_prefix_cache`); vLLM then publishes AllBlocksCleared with the next
 engine step's batch, not at once.
 
-Without vLLM (no $KVGATE_VLLM_VENV or /opt/vllm-venv) the tests are skipped, unless $CI is set: in CI a
-missing vLLM is an error. $KVGATE_VLLM_CORE pins the engine to one core.
+Without vLLM (no $KVGATE_VLLM_VENV or /opt/vllm-venv; `scripts/install-vllm.sh` installs it) the tests
+are skipped, unless $CI is set: in CI a missing vLLM is an error. $KVGATE_VLLM_CORE pins the engine to
+one core. Tests marked `vllm` get a timeout of VLLM_TEST_TIMEOUT_S instead of pyproject's global one:
+the first of them also waits for the pod to start.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "vllm"
 KV_CACHE_BYTES = 16 << 20  # 256 blocks of 32 tokens: room for the tests, small enough to evict on purpose
+POD_START_TIMEOUT_S = 240.0
+VLLM_TEST_TIMEOUT_S = POD_START_TIMEOUT_S + 300  # pod start plus the slowest test, with room for a busy CPU
 
 
 def _load_pod_module() -> ModuleType:
@@ -46,6 +50,13 @@ def _load_pod_module() -> ModuleType:
 
 pod_module = _load_pod_module()
 RealVllm = pod_module.RealVllm
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every `vllm`-marked test without its own timeout mark the longer real-vLLM timeout."""
+    for item in items:
+        if item.get_closest_marker("vllm") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(VLLM_TEST_TIMEOUT_S))
 
 
 def _in_ci() -> bool:
@@ -83,7 +94,7 @@ def real_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllm]:
         venv=venv,
     )
     try:
-        pod = proc.start(timeout=240.0)
+        pod = proc.start(timeout=POD_START_TIMEOUT_S)
     except (RuntimeError, TimeoutError) as exc:
         pytest.fail(f"real vLLM did not start: {exc}", pytrace=False)
     try:

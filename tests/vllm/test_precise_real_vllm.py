@@ -8,14 +8,14 @@ directly first, so the only way the gateway can know where they are cached is th
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import eventually
 from prometheus_client import CollectorRegistry
 
 from bench.sim.fleet import SimFleet
@@ -31,14 +31,6 @@ WORDS = ["alpha", "beta", "gamma", "delta", "system", "import", "cache", "return
 
 def long_text(tag: str, n: int = 120) -> str:
     return tag + " " + " ".join(f"{WORDS[i % len(WORDS)]}{i % 13}" for i in range(n))
-
-
-async def eventually(cond: Callable[[], bool], within: float = 20.0) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if cond():
-                return
-            await asyncio.sleep(0.05)
 
 
 class Setup:
@@ -110,7 +102,8 @@ async def test_precise_mode_routes_a_repeated_prompt_to_the_real_pod_holding_it(
         first, _ = await post(http, setup.real_url, path, body(" first question"))  # straight to vLLM
         blocks = first["usage"]["prompt_tokens"] // setup.cache.block_size
         assert blocks >= 4
-        await eventually(lambda: setup.matched(path, body(" first question")).get(setup.real) == blocks)
+        await eventually(lambda: setup.matched(path, body(" first question")).get(setup.real) == blocks,
+                         within=20.0, what="the real pod's blocks in the index")
         assert setup.sim not in setup.matched(path, body(" first question"))
         for i in range(3):
             data, headers = await post(http, setup.url, path, body(f" question number {i}"))
