@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 # Real vLLM (CPU build) for the tests marked `vllm`: installed once outside the checkout, reused after.
 KVGATE_VLLM_VENV ?= /opt/vllm-venv
 export KVGATE_VLLM_VENV
+# The lowest versions pyproject allows (test-lowest): a throwaway venv, rebuilt on every run.
+LOWEST_VENV ?= .venv-lowest
 
-.PHONY: demo test test-fast test-vllm lint vllm clean
+.PHONY: demo test test-fast test-vllm test-lowest lint vllm clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,15 @@ test-fast: $(BIN)/.installed
 test-vllm: vllm $(BIN)/.installed
 	$(BIN)/pytest -q -p no:cacheprovider -m vllm
 
+## the fast tests against the lowest versions of the direct dependencies pyproject allows: the floors hold
+test-lowest:
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/pip install -q uv
+	$(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
+		-e '.[test,bench]'
+	$(LOWEST_VENV)/bin/pytest -q -p no:cacheprovider -m "not vllm"
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
@@ -36,4 +47,4 @@ vllm:
 	@bash scripts/install-vllm.sh "$(KVGATE_VLLM_VENV)"
 
 clean:
-	rm -rf $(VENV) bench-out
+	rm -rf $(VENV) $(LOWEST_VENV) bench-out
