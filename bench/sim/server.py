@@ -198,8 +198,8 @@ async def _stream(
     await resp.prepare(request)
     model, created, fp = pod.config.model, int(time.time()), pod.fingerprint
     text = pod.generator.text
-    if gen.chat:
-        await resp.write(_sse(p.chat_role_chunk(rid, model, created)))
+    # vLLM sends a chat stream's role chunk on the first engine output (its first token), not at once.
+    role_pending = gen.chat
     for index, req in enumerate(reqs):
         sent = 0
         while True:
@@ -214,6 +214,9 @@ async def _stream(
                 await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
                 return resp
+            if role_pending:
+                role_pending = False
+                await resp.write(_sse(p.chat_role_chunk(rid, model, created)))
             # vLLM merges the tokens of steps the client was too slow to read into one chunk.
             if gen.chat:
                 chunk = p.chat_chunk(rid, model, created, text(new), finish)
