@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import openai
 from helpers import eventually
@@ -191,3 +193,22 @@ async def test_client_disconnect_aborts(pod: SimPod, http: aiohttp.ClientSession
     await eventually(lambda: not engine.running and not engine.waiting, within=2.0,
                      what="the engine to drop the abandoned request")
     assert engine.pool.usage == 0.0
+
+
+async def test_chat_stream_sends_its_first_chunk_after_prefill() -> None:
+    """vLLM sends a chat stream's role chunk on the first engine output: the first byte a gateway sees
+    comes after the prefill (a lower bound of the modelled prefill time: a busy machine only adds)."""
+    prompt = " ".join(f"w{i % 500}" for i in range(2000))
+    async with SimFleet(1, model="sim-model", prefill_tps=4000.0) as fleet:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "sim-model", "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 2, "stream": True}
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            async with http.post(fleet.urls[0] + "/v1/chat/completions", json=body) as resp:
+                first = await resp.content.readany()
+                waited = loop.time() - t0
+                rest = await resp.read()
+    assert b'"role":"assistant"' in first
+    assert waited >= 0.4  # 2000 uncached tokens at 4000 tokens/s: 0.5 s of prefill
+    assert rest.endswith(b"data: [DONE]\n\n")
