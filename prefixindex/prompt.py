@@ -1,7 +1,9 @@
 """What a request asks the engine to prefill: its prompt tokens and the key root they chain from.
 
 Completions: `prompt` as text (tokenized with special tokens, as vLLM does), as token ids (used as
-they are), or a batch of either (the first prompt routes the request). Chat: `messages` rendered with
+they are), or a batch of either (the first prompt routes the request). A batch of batches is not a
+prompt vLLM accepts: extraction follows the first prompt without recursion and refuses one at once,
+however deep (`check_prompt_nesting` checks just that, in a few steps). Chat: `messages` rendered with
 the model's chat template and tokenized without special tokens, as vLLM does. `cache_salt` and the
 LoRA adapter (the request's `model` when it names an adapter rather than the pool's base model) go
 into the root so that tenants and adapters never share keys.
@@ -15,6 +17,9 @@ from typing import Any
 
 from prefixindex.hashing import root_key
 from prefixindex.tokenizer import Tokenizer
+
+# A batch of prompts (texts or token-id lists) is one level; a batch of batches is not a prompt.
+MAX_BATCH_DEPTH = 1
 
 
 class PromptError(ValueError):
@@ -47,17 +52,36 @@ def prompt_tokens(body: Mapping[str, Any], path: str, tokenizer: Tokenizer) -> l
     return _completion_tokens(body.get("prompt"), tokenizer)
 
 
+def check_prompt_nesting(prompt: Any) -> None:
+    """PromptError when `prompt` is a batch of batches (`[["a"]]`, `[[[1]]]`, ...); anything else
+    about it is left to `prompt_tokens` or the pod."""
+    _first_prompt(prompt)
+
+
+def _first_prompt(prompt: Any) -> Any:
+    """The first prompt of a batch, or `prompt` itself when it is not one; followed without recursion
+    and refused past MAX_BATCH_DEPTH, so a deeply nested list costs a few steps, not a RecursionError."""
+    batches = 0
+    while isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        batches += 1
+        if batches > MAX_BATCH_DEPTH:
+            raise PromptError("'prompt' is nested too deeply: a batch holds texts or token-id lists")
+        prompt = prompt[0]
+    return prompt
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _completion_tokens(prompt: Any, tokenizer: Tokenizer) -> list[int]:
+    prompt = _first_prompt(prompt)
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, add_special_tokens=True)
-    if isinstance(prompt, list) and prompt:
-        first = prompt[0]
-        if isinstance(first, int) and not isinstance(first, bool):
-            if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-                return prompt
-            raise PromptError("token-id prompts must be non-negative integers")
-        if isinstance(first, str | list):  # a batch: the first prompt routes the request
-            return _completion_tokens(first, tokenizer)
+    if isinstance(prompt, list) and prompt and _is_token_id(prompt[0]):
+        if all(_is_token_id(t) and t >= 0 for t in prompt):
+            return prompt
+        raise PromptError("token-id prompts must be non-negative integers")
     raise PromptError("'prompt' must be a string, a list of token ids, or a batch of them")
 
 
