@@ -3,7 +3,9 @@
 POST /v1/completions, POST /v1/chat/completions (JSON, or SSE `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`),
 GET /v1/models, GET /health, GET /version, POST /tokenize, POST /detokenize, GET /metrics,
 POST /reset_prefix_cache; and the simulator's own POST /kvgate_sim/release_kv (P/D side channel),
-GET /kvgate_sim/stats (modelled vs actual step time) and POST /kvgate_sim/fault (dead engine, slowdown).
+GET /kvgate_sim/stats (modelled vs actual step time), POST /kvgate_sim/fault (dead engine, slowdown)
+and GET /kvgate_sim/paths (every method and raw target the pod was asked for, so a test can check
+what a gateway in front let through).
 `X-Request-Id` sets the response id (`cmpl-<id>`, `chatcmpl-<id>`) and is echoed as a header.
 A client that disconnects aborts its requests, as in vLLM.
 """
@@ -32,15 +34,37 @@ POD = web.AppKey("pod", SimPod)
 # The simulator's own routes, not part of vLLM's API: accounting and fault injection.
 STATS_PATH = "/kvgate_sim/stats"
 FAULT_PATH = "/kvgate_sim/fault"
+PATHS_PATH = "/kvgate_sim/paths"
 _JSON = "application/json"
 _METRICS_TYPE = CONTENT_TYPE_LATEST
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class PathLog:
+    """Every (method, raw target) asked of the pod, with its count; at most `limit` distinct ones are
+    kept, the requests for others are counted in `overflow`."""
+
+    def __init__(self, limit: int = 20_000) -> None:
+        self.limit = limit
+        self.seen: dict[tuple[str, str], int] = {}
+        self.overflow = 0
+
+    def add(self, method: str, target: str) -> None:
+        key = (method, target)
+        if key in self.seen or len(self.seen) < self.limit:
+            self.seen[key] = self.seen.get(key, 0) + 1
+        else:
+            self.overflow += 1
+
+
+PATHS = web.AppKey("paths", PathLog)
+
+
 def build_app(pod: SimPod) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_errors])
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_record_path, _errors])
     app[POD] = pod
+    app[PATHS] = PathLog()
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -53,7 +77,14 @@ def build_app(pod: SimPod) -> web.Application:
     app.router.add_post(RELEASE_PATH, release_kv)
     app.router.add_get(STATS_PATH, sim_stats)
     app.router.add_post(FAULT_PATH, sim_fault)
+    app.router.add_get(PATHS_PATH, sim_paths)
     return app
+
+
+@web.middleware
+async def _record_path(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request.app[PATHS].add(request.method, request.raw_path)  # as received, before any decoding
+    return await handler(request)
 
 
 @web.middleware
@@ -315,6 +346,12 @@ async def reset_prefix_cache(request: web.Request) -> web.Response:
 async def sim_stats(request: web.Request) -> web.Response:
     engine = request.app[POD].engine
     return _json(engine.stats() if engine is not None else {})
+
+
+async def sim_paths(request: web.Request) -> web.Response:
+    """{"paths": [[method, raw target, count], ...], "overflow": n}; this request itself included."""
+    log = request.app[PATHS]
+    return _json({"paths": [[m, t, n] for (m, t), n in log.seen.items()], "overflow": log.overflow})
 
 
 async def sim_fault(request: web.Request) -> web.Response:
