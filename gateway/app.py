@@ -1,11 +1,12 @@
 """The gateway application: state, middlewares, routes, and one cleanup_ctx entry per long-lived
 resource (upstream client session + proxy, the P/D flow, routing policies, health checker, metrics
-scraper), set up in this order and torn down in reverse."""
+scraper, the summary log of refused requests), set up in this order and torn down in reverse."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from gateway import errors
 from gateway.auth import OPEN_PATHS, auth_middleware, load_api_keys
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
@@ -24,13 +26,18 @@ from gateway.pd_flow import PDFlow, PDMetrics
 from gateway.periodic import rounds
 from gateway.pools import build_pools
 from gateway.proxy import X_REQUEST_ID, Proxy, ProxyCall
+from gateway.rejections import REJECTIONS, ProtocolLog, Rejections
+from gateway.request_body import SERVER_ARGS
 from gateway.scraper import MetricsScraper
 from gateway.state import PROXY, SESSION, STATE, GatewayState
+from gateway.target import TARGET_KEY, resolve_target
 
 log = logging.getLogger("kvgate.app")
 
 # Below uvicorn's default keep-alive (5 s), so the gateway never reuses a connection the pod is closing.
 UPSTREAM_KEEPALIVE_S = 4.0
+# A client's X-Request-Id is kept (echoed, forwarded) when it is this safe; otherwise a new one is made.
+_USABLE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
@@ -52,10 +59,16 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
     middlewares = [openai_errors_and_accounting]
     if api_keys:
         middlewares.append(auth_middleware(api_keys))
-    app = web.Application(middlewares=middlewares, client_max_size=config.limits.max_body_bytes)
+    rejections = Rejections(registry)
+    app = web.Application(
+        middlewares=middlewares,
+        client_max_size=config.limits.max_body_bytes,
+        handler_args={**SERVER_ARGS, "logger": ProtocolLog(rejections)},
+    )
     app[STATE] = state
+    app[REJECTIONS] = rejections
     add_routes(app)
-    app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, health_ctx, scraper_ctx])
+    app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, health_ctx, scraper_ctx, rejections_ctx])
     return app
 
 
@@ -63,18 +76,30 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
 async def openai_errors_and_accounting(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Give every request an id (the client's X-Request-Id, else a new one) echoed on its response, turn
-    every error into an OpenAI error body, and count every API request once."""
-    request[REQUEST_ID_KEY] = request.headers.get(X_REQUEST_ID) or uuid.uuid4().hex
+    """Give every request an id (the client's X-Request-Id if usable, else a new one) echoed on its
+    response, resolve what it may reach (gateway.target), turn every error into an OpenAI error body,
+    count every API request once and every refused one by reason (gateway.rejections)."""
+    client_id = request.headers.get(X_REQUEST_ID, "")
+    request[REQUEST_ID_KEY] = client_id if _USABLE_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
     try:
+        request[TARGET_KEY] = resolve_target(request.method, request.raw_path)
+        _check_expect(request)
         response = await handler(request)
     except GatewayError as exc:
         response = exc.response()
-    except web.HTTPException as exc:  # aiohttp's own 404/405 for unknown routes or methods
-        response = GatewayError(exc.status, exc.reason, type="invalid_request_error").response()
+        if exc.status < 500:
+            request.app[REJECTIONS].count(exc.reason)
+    except web.HTTPException as exc:  # aiohttp's own (every path reaches `dispatch`: not expected)
+        error = GatewayError(exc.status, exc.reason, type="invalid_request_error")
+        response = error.response()
+        if exc.status < 500:
+            request.app[REJECTIONS].count(error.reason)
     except asyncio.CancelledError:  # the client disconnected (handler cancellation)
         _account(request, 499)
         raise
+    except ConnectionError:  # the client went away while its body was read: nobody to answer
+        _account(request, 499)
+        return web.Response(status=499)
     except Exception as exc:
         call = request.get(CALL_KEY)
         if isinstance(call, ProxyCall) and call.status:
@@ -88,11 +113,19 @@ async def openai_errors_and_accounting(
     return response
 
 
+def _check_expect(request: web.Request) -> None:
+    """417 for an HTTP/1.1 `Expect` other than 100-continue (handlers.continue_if_readable answers that)."""
+    expect = request.headers.get("Expect")
+    if expect is not None and request.version >= (1, 1) and expect.lower() != "100-continue":
+        raise errors.expectation_failed(expect)
+
+
 def _account(request: web.Request, status: int) -> None:
     metrics = request.app[STATE].metrics
     call = request.get(CALL_KEY)
     if not isinstance(call, ProxyCall):
-        if request.path not in OPEN_PATHS:  # rejected before a pool was chosen: no model label value
+        target = request.get(TARGET_KEY)
+        if target is None or target.path not in OPEN_PATHS:  # refused before a pool was chosen: no model
             metrics.requests("", "", str(status)).inc()
         return
     model = call.pool.model
@@ -100,6 +133,14 @@ def _account(request: web.Request, status: int) -> None:
     final = call.status if call.status == 499 else status
     metrics.requests(model, served, str(final)).inc()
     metrics.latency(model).observe(time.perf_counter() - call.arrival)
+
+
+async def rejections_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One summary line of refused requests per logs.rejected_interval (and one at shutdown)."""
+    rejections = app[REJECTIONS]
+    async with rounds("rejection log", app[STATE].config.logs.rejected_interval, rejections.flush_round):
+        yield
+    rejections.flush()
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:

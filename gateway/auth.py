@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.config import Auth
 from gateway.errors import unauthorized
+from gateway.target import TARGET_KEY
 
 # Liveness, readiness and metrics stay open so that orchestrators and Prometheus need no key.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -39,7 +40,8 @@ def auth_middleware(keys: tuple[bytes, ...]) -> Callable[..., Awaitable[web.Stre
     async def check_api_key(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS:
+        target = request.get(TARGET_KEY)  # resolved by the outer middleware; decoded and checked
+        if target is None or target.path not in OPEN_PATHS:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not key_matches(token.strip().encode(), keys):
                 raise unauthorized()

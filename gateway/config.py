@@ -40,6 +40,20 @@ class Limits:
 
 
 @dataclass(slots=True)
+class Forwarded:
+    """What pods are told about the client (X-Forwarded-For, and Forwarded of RFC 7239). `append`: the
+    client's own values (untrusted) followed by its address as the gateway saw it, so a pod trusting
+    the gateway reads the last entry; `replace`: only that address; `off`: neither header is sent."""
+
+    mode: Literal["append", "replace", "off"] = "append"
+
+
+@dataclass(slots=True)
+class Logs:
+    rejected_interval: float = 10.0  # seconds between summary lines counting the requests refused
+
+
+@dataclass(slots=True)
 class Timeouts:
     connect: float = 2.0  # TCP connect to a pod
     read: float = 600.0  # longest silence from a pod, before or during its answer
@@ -121,6 +135,8 @@ class GatewayConfig:
     retries: Retries = field(default_factory=Retries)
     health: Health = field(default_factory=Health)
     scrape: Scrape = field(default_factory=Scrape)
+    forwarded: Forwarded = field(default_factory=Forwarded)
+    logs: Logs = field(default_factory=Logs)
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -165,6 +181,8 @@ def validate(cfg: GatewayConfig) -> None:
         raise ValueError("health.timeout must not exceed health.interval")
     if cfg.scrape.interval < 0:
         raise ValueError("scrape.interval must be >= 0")
+    if cfg.logs.rejected_interval <= 0:
+        raise ValueError("logs.rejected_interval must be positive")
     models = set()
     for pool in cfg.pools:
         if pool.model in models:

@@ -1,11 +1,16 @@
-"""HTTP handlers: the OpenAI API (proxied), /v1/models, and the operational endpoints."""
+"""HTTP handlers: the OpenAI API (proxied), /v1/models, and the operational endpoints.
+
+Every request reaches one aiohttp route, `dispatch`, which serves the route gateway.target resolved
+(in the outermost middleware): what a client may reach is decided there and only there."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import errors
@@ -13,7 +18,10 @@ from gateway.pools import Pool, Pools
 from gateway.proxy import ProxyCall, upstream_headers
 from gateway.request_body import parse_body, read_body
 from gateway.state import PROXY, STATE
+from gateway.target import TARGET_KEY, RouteKind, resolve_target
 from router.policy import RouteRequest
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Request-scoped values: the id (set by the middleware for every request) and the proxied call.
 REQUEST_ID_KEY = web.RequestKey("kvgate_request_id", str)
@@ -25,11 +33,12 @@ async def proxy_api(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     state = request.app[STATE]
     request_id = request[REQUEST_ID_KEY]
+    path = request[TARGET_KEY].path
     raw = await read_body(request, state.config.limits.max_body_bytes)
-    body = parse_body(raw, request.path)
+    body = parse_body(raw, path)
     pool = select_pool(state.pools, body)
     route = RouteRequest(
-        request_id=request_id, model=pool.model, path=request.path, body=body or {}, headers=request.headers
+        request_id=request_id, model=pool.model, path=path, body=body or {}, headers=request.headers
     )
     call = ProxyCall(
         request=request,
@@ -38,7 +47,12 @@ async def proxy_api(request: web.Request) -> web.StreamResponse:
         body=body,
         raw_body=raw,
         arrival=arrival,
-        upstream_headers=upstream_headers(request, request_id, drop_authorization=bool(state.api_keys)),
+        upstream_headers=upstream_headers(
+            request,
+            request_id,
+            drop_authorization=bool(state.api_keys),
+            forwarded=state.config.forwarded.mode,
+        ),
     )
     request[CALL_KEY] = call
     return await request.app[PROXY].forward(call)
@@ -88,11 +102,40 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+HANDLERS: dict[RouteKind, Handler] = {
+    "health": health,
+    "ready": ready,
+    "metrics": metrics,
+    "models": list_models,
+    "proxy": proxy_api,
+}
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Serve the route the middleware resolved (request[TARGET_KEY])."""
+    return await HANDLERS[request[TARGET_KEY].kind](request)
+
+
+async def continue_if_readable(request: web.Request) -> None:
+    """`Expect: 100-continue`: invite the body only when the gateway will read it (a route that takes
+    one, a declared size within the limit). Otherwise send nothing, and the middleware answers (404,
+    413, 417...) without the client having sent a body only to see it refused."""
+    if request.version != HttpVersion11 or request.headers.get("Expect", "").lower() != "100-continue":
+        return None
+    try:
+        target = resolve_target(request.method, request.raw_path)
+    except errors.GatewayError:
+        return None
+    limit = request.app[STATE].config.limits.max_body_bytes
+    if target.kind != "proxy" or (request.content_length or 0) > limit:
+        return None
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer proper has not started (as aiohttp's default handler)
+    return None
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_route("*", "/v1/{tail:.*}", proxy_api)
-    app.router.add_post("/tokenize", proxy_api)
-    app.router.add_post("/detokenize", proxy_api)
+    """One catch-all route: aiohttp's own matching (on decoded, unnormalised paths) decides nothing.
+    `[\\s\\S]`, not `.`: a decoded path may hold a newline (%0a), and must still reach the middleware's
+    verdict, Expect header included."""
+    app.router.add_route("*", r"/{path:[\s\S]*}", dispatch, expect_handler=continue_if_readable)

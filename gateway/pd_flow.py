@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from gateway.health import HealthTracker
 from gateway.metrics import TTFT_BUCKETS, _Children
 from gateway.proxy import Attempt, ProxyCall, UpstreamReply, charged_tokens
+from gateway.target import TARGET_KEY
 from router.pd import GENERATION_PATHS, OUTCOMES, Outcome, PDRouter
 from router.policy import Decision
 
@@ -190,7 +191,7 @@ class PDFlow:
         ep = d.endpoint
         rid = call.route.request_id
         body = orjson.dumps(prefill_request_body(call.body))
-        url = ep.url + call.request.raw_path
+        url = call.request[TARGET_KEY].upstream_url(ep.url)  # the checked route (gateway.target)
         try:
             async with (
                 asyncio.timeout(limit_s),

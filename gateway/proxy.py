@@ -24,14 +24,16 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import errors
+from gateway.answer_check import answer_problem
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.metrics import GatewayMetrics
 from gateway.pools import Pool
+from gateway.target import TARGET_KEY
 from router.endpoint import Endpoint
 from router.policy import Decision, RouteRequest
 
@@ -48,8 +50,11 @@ HOP_BY_HOP = frozenset(
         "te", "trailer", "transfer-encoding", "upgrade",
     }
 )  # fmt: skip
-# Set by the client library for the upstream request itself.
-_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "x-request-id"}
+# Set by the client library for the upstream request itself (Content-Length of the bytes sent, which
+# are decoded: no Content-Encoding), answered by the gateway (Expect), or rebuilt (forwarding headers).
+_NOT_FORWARDED_UP = HOP_BY_HOP | {
+    "host", "content-length", "content-encoding", "expect", "x-request-id", "x-forwarded-for", "forwarded",
+}  # fmt: skip
 _NOT_FORWARDED_UP_AUTH = _NOT_FORWARDED_UP | {"authorization"}  # the gateway checked the client's key
 
 
@@ -120,19 +125,38 @@ class UpstreamReply:
 Attempt = Callable[[ProxyCall, Decision], Awaitable[UpstreamReply]]
 
 
-def upstream_headers(request: web.Request, request_id: str, *, drop_authorization: bool) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones (and those its Connection header names)."""
+def upstream_headers(
+    request: web.Request, request_id: str, *, drop_authorization: bool, forwarded: str = "append"
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones (and those its Connection header names), with
+    X-Forwarded-For and Forwarded per `forwarded` (config.Forwarded: append, replace, off)."""
     drop = _NOT_FORWARDED_UP_AUTH if drop_authorization else _NOT_FORWARDED_UP
-    connection = request.headers.get("Connection")
-    if connection:
-        drop = drop | {t.strip().lower() for t in connection.split(",")}
+    drop = drop | connection_tokens(request.headers)
     headers: CIMultiDict[str] = CIMultiDict(
         (k, v) for k, v in request.headers.items() if k.lower() not in drop
     )
     headers[X_REQUEST_ID] = request_id
     if request.body_exists and "Content-Type" not in headers:
         headers["Content-Type"] = "application/json"  # the body parsed as JSON, whatever the client said
+    if forwarded != "off":
+        peer = request.remote or "unknown"
+        earlier = forwarded == "append"
+        xff = request.headers.getall("X-Forwarded-For", []) if earlier else []
+        headers["X-Forwarded-For"] = ", ".join([*xff, peer])
+        fwd = request.headers.getall("Forwarded", []) if earlier else []
+        headers["Forwarded"] = ", ".join([*fwd, f"for={_forwarded_node(peer)};proto={request.scheme}"])
     return headers
+
+
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """The header names a message's Connection header(s) declare hop-by-hop (RFC 9110 section 7.6.1)."""
+    values = headers.getall("Connection", [])
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+def _forwarded_node(peer: str) -> str:
+    """A `for=` node of RFC 7239: IPv6 addresses bracketed and quoted."""
+    return f'"[{peer}]"' if ":" in peer else peer
 
 
 class Proxy:
@@ -209,14 +233,17 @@ class Proxy:
         """
         ep = decision.endpoint
         request = call.request
+        target = request[TARGET_KEY]
         try:
             resp = await self.session.request(
                 request.method,
-                ep.url + request.raw_path,
+                target.upstream_url(ep.url),  # the checked route, never the client's raw target
                 data=call.upstream_body() or None,
                 headers=call.upstream_headers,
                 allow_redirects=False,
             )
+        except ValueError as exc:  # aiohttp.InvalidURL included: built from the client's input, not sent
+            raise errors.not_forwardable(str(exc)) from None
         except aiohttp.ConnectionTimeoutError as exc:
             raise self._failed(ep, "connect", exc) from exc
         except TimeoutError as exc:
@@ -229,6 +256,14 @@ class Proxy:
             if resp.status in self.retry_statuses:
                 raise self._failed(ep, f"status_{resp.status}", f"HTTP {resp.status} from {ep.url}")
             first = await resp.content.readany()
+            streamed = call.body is not None and call.body.get("stream") is True
+            problem = request.method == "POST" and answer_problem(
+                target.path, streamed, resp.status, resp.headers, first, resp.content.at_eof()
+            )
+            if problem:
+                self.health.attempt_failed(ep, "bad_answer")
+                log.warning("request %s: %s sent %s", call.route.request_id, ep.url, problem)
+                raise errors.upstream_bad_answer(f"{ep.url} sent {problem}")
         except TimeoutError as exc:
             resp.close()
             raise self._timed_out(ep, exc) from exc
@@ -253,8 +288,9 @@ class Proxy:
         ep = decision.endpoint
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         headers = resp.headers
+        drop = HOP_BY_HOP | connection_tokens(up.headers)
         for key, value in up.headers.items():
-            if key.lower() not in HOP_BY_HOP:
+            if key.lower() not in drop:
                 headers.add(key, value)
         headers[X_ENDPOINT] = ep.url
         headers[X_REQUEST_ID] = call.route.request_id
