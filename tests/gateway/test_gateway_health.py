@@ -20,7 +20,7 @@ async def _send(client, url: str, n: int) -> list[str]:
     return served
 
 
-async def test_failing_health_check_ejects_within_two_intervals_and_recovery_readmits(
+async def test_failing_health_check_ejects_within_three_intervals_and_recovery_readmits(
     fake_pods, start_gateway, client
 ):
     sick, well = await fake_pods(2)
@@ -28,7 +28,8 @@ async def test_failing_health_check_ejects_within_two_intervals_and_recovery_rea
     assert set(await _send(client, gw.url, 4)) == {sick.url, well.url}
     sick.healthy = False
     endpoint = gw.app[STATE].pools.get("m").endpoints[0]
-    await eventually(lambda: not endpoint.healthy, within=2 * INTERVAL, what="the sick pod's ejection")
+    # it answered traffic just now, so its next probe may wait one interval (its traffic was the check)
+    await eventually(lambda: not endpoint.healthy, within=3 * INTERVAL, what="the sick pod's ejection")
     before = len(sick.seen)
     assert set(await _send(client, gw.url, 6)) == {well.url}
     assert len(sick.seen) == before
