@@ -10,7 +10,8 @@ route it names, or raises the OpenAI-shaped error that refuses it:
   encoded slashes or backslashes (`%2f`, `%5c`, `\\`), empty segments, control characters, bad
   escapes and non-UTF-8 bytes get 400; a fragment (`#`) too;
 - what remains must be a gateway route: `/health`, `/ready`, `/metrics`, `/v1/models` (GET, HEAD),
-  `/tokenize` and `/detokenize` (POST), or `/v1/<segments>` (the API methods), proxied; else 404/405.
+  `/tokenize` and `/detokenize` (POST), or `/v1/<segments>` (the API methods), proxied, except vLLM's
+  administrative `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`; else 404/405.
 
 A proxied request goes to `Target.upstream_url(pod_base_url)`: the pod's base URL, the route's
 segments re-encoded canonically, and the query with every character outside RFC 3986's query set
@@ -44,6 +45,8 @@ ROUTES: dict[str, tuple[RouteKind, frozenset[str]]] = {
     "/detokenize": ("proxy", frozenset({"POST"})),
 }
 PROXY_PREFIX = "v1"
+# vLLM's administrative routes under /v1 (runtime LoRA loading): an operator's, never a client's.
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a '%' that does not start a valid escape
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -87,7 +90,7 @@ def resolve_target(method: str, raw_target: str) -> Target:
     path = "/" + "/".join(segments)
     route = ROUTES.get(path)
     if route is None:
-        if len(segments) < 2 or segments[0] != PROXY_PREFIX:
+        if len(segments) < 2 or segments[0] != PROXY_PREFIX or path in ADMIN_PATHS:
             raise errors.route_not_found(path)
         route = ("proxy", API_METHODS)
     kind, methods = route

@@ -107,6 +107,8 @@ def test_gateway_routes(method, target, kind):
         ("POST", "/admin", 404),
         ("POST", "/kvgate_sim/fault", 404),
         ("POST", "/reset_prefix_cache", 404),
+        ("POST", "/v1/load_lora_adapter", 404),  # vLLM's admin routes: an operator's, not a client's
+        ("POST", "/v1/%75nload_lora_adapter", 404),
         ("GET", "/tokenize", 405),
         ("POST", "/health", 405),
         ("TRACE", "/v1/completions", 405),
