@@ -13,8 +13,10 @@ are multiplied by `decay`, and the fit is
 so a pod with few samples answers with the configured prior, a pod with many with its own rates, and a
 direction the samples never excite (say `running` on a pod that is always idle) stays at its prior
 instead of drifting (RLS with forgetting winds up in such directions; a prior anchor does not). A
-residual beyond `clip` robust scales (an EWMA of |residual|) is clipped before it enters the sums, so
-one stalled request (a GC pause, a preempted sequence) moves the fit by a bounded amount.
+residual beyond `clip` robust scales is clipped before it enters the sums, so one stalled request (a GC
+pause, a preempted sequence) moves the fit by a bounded amount; the scale starts at half the prior's
+prediction and follows an EWMA of the clipped |residual| (Huber-style), so early or repeated outliers
+do not widen it.
 
 Features are scaled to order one (thousands of tokens, tens of requests) so one prior strength fits all.
 Coefficients are clamped non-negative (a faster-than-free prefill is never learned) after each solve.
@@ -100,16 +102,16 @@ class TTFTEstimator:
         x = features(work_tokens, running)
         predicted = self.theta[0] * x[0] + self.theta[1] * x[1] + self.theta[2] * x[2]
         residual = ttft_s - predicted
-        y = ttft_s
-        if self.scale > 0.0:
-            bound = self.clip * self.scale
-            if residual > bound:
-                y = predicted + bound
-            elif residual < -bound:
-                y = predicted - bound
-            self.scale += 0.05 * (abs(residual) - self.scale)
-        else:
-            self.scale = max(abs(residual), 1e-4)
+        if self.scale <= 0.0:  # before any sample: the prior's own prediction sets the scale
+            self.scale = max(0.5 * predicted, 1e-4)
+        bound = self.clip * self.scale
+        clipped = min(max(residual, -bound), bound)
+        y = predicted + clipped
+        # Huber-style scale: an outlier moves it by at most its clipped size, so a run of stalls
+        # cannot widen the clip enough to let the next ones in whole
+        # (a running mean over the first samples, so a badly wrong prior is outgrown in a few)
+        rate = max(0.05, 1.0 / (self.samples + 2))
+        self.scale = max(self.scale + rate * (abs(clipped) - self.scale), 1e-4)
         d = self.decay
         a, b = self._a, self._b
         for i in range(3):
