@@ -78,7 +78,9 @@ class Health:
 
 @dataclass(slots=True)
 class Scrape:
-    interval: float = 0.25  # GET /metrics period; 0 disables scraping
+    # GET /metrics period; 0 disables scraping. A slow reconciliation: the gateway's own accounting is
+    # the primary load signal, and each scrape costs the pod's API server CPU (bench.real_vllm --scrape-sweep)
+    interval: float = 2.0
     timeout: float = 1.0
     path: str = "/metrics"
 

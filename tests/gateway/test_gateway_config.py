@@ -28,7 +28,7 @@ def test_example_config_loads_with_every_section():
     assert pool.policy.name == "cache_aware" and pool.policy.params == {"index": "approximate"}
     assert [e.kv_events for e in pool.endpoints] == ["tcp://vllm-0:5557", "tcp://vllm-1:5557"]
     assert pool.endpoints[0].version == "v1" and pool.endpoints[1].role == "both"
-    assert config.retries.on_status == [502, 503] and config.scrape.interval == 0.25
+    assert config.retries.on_status == [502, 503] and config.scrape.interval == 2.0
 
 
 def test_quick_start_flags_build_the_same_config_object():
