@@ -19,15 +19,14 @@ the first of them also waits for the pod to start.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from bench.real_vllm import load_pod_module
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "vllm"
@@ -36,19 +35,7 @@ POD_START_TIMEOUT_S = 240.0
 VLLM_TEST_TIMEOUT_S = POD_START_TIMEOUT_S + 300  # pod start plus the slowest test, with room for a busy CPU
 
 
-def _load_pod_module() -> ModuleType:
-    name = "kvgate_capture_vllm_pod"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "capture_vllm_pod.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-pod_module = _load_pod_module()
+pod_module = load_pod_module()
 RealVllm = pod_module.RealVllm
 
 
