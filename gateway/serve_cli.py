@@ -30,6 +30,7 @@ from gateway.config import (
     Role,
     load_config,
 )
+from gateway.runner import app_runner
 from router.prefix_cache import DEFAULT_BLOCK_SIZE
 from router.registry import POLICIES, PolicyError
 
@@ -261,7 +262,7 @@ async def discover_model(url: str) -> str:
 async def serve(config: GatewayConfig) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     app = build_app(config)
-    runner = web.AppRunner(
+    runner = app_runner(
         app, handler_cancellation=True, shutdown_timeout=config.timeouts.shutdown, access_log=None
     )
     await runner.setup()

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import build_app
 from gateway.config import GatewayConfig
+from gateway.runner import app_runner
 
 
 @dataclass
@@ -50,7 +51,7 @@ async def start_gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGatewa
         app = build_app(config, registry=registry)
         if prepare is not None:
             prepare(app)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
+        runner = app_runner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         runners.append(runner)

@@ -213,7 +213,7 @@ async def test_framing_that_breaks_while_the_body_is_read_is_an_openai_400(exc):
     assert "Traceback" not in info.value.message
 
 
-async def test_framing_broken_before_any_handler_runs_is_a_400_without_traceback(
+async def test_framing_broken_before_any_handler_runs_is_an_openai_400_without_traceback(
     fake_pods, start_gateway, caplog
 ):
     (pod,) = await fake_pods(1)
@@ -224,6 +224,6 @@ async def test_framing_broken_before_any_handler_runs_is_a_400_without_traceback
         b"POST /v1/completions HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
     ):
         resp = await send_raw(gw.url, data)
-        assert resp.status == 400  # aiohttp's own answer: the request never reached the gateway's code
+        assert_openai_error(resp, 400)  # aiohttp's own answer, in the gateway's error shape
     assert not [r for r in caplog.records if r.exc_info], "a client's bad HTTP logged a traceback"
     assert pod.seen == []
