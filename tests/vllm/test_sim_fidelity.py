@@ -241,7 +241,11 @@ async def pair(real_vllm) -> AsyncIterator[Pair]:
         real = Target("vllm", real_vllm.url, real_vllm.kv_events, real_vllm.kv_events_replay, real_vllm.topic)
         ctx = zmq.asyncio.Context()
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+            # idle connections closed before uvicorn's 5 s keep-alive ends them: reusing one that the
+            # server is closing fails the next request with ServerDisconnectedError
+            connector = aiohttp.TCPConnector(keepalive_timeout=2.0)
+            timeout = aiohttp.ClientTimeout(total=120)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
                 yield Pair(real, sim, real_vllm.model, HFTokenizer(str(real_vllm.model_dir)), http, ctx)
         finally:
             ctx.destroy(linger=0)
