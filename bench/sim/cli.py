@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = _arg_type(f.name)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "lora_modules":
+            parser.add_argument(flag, nargs="+", default=[], metavar="NAME[=PATH]", help=help_text)
         elif f.name == "role":
             parser.add_argument(flag, choices=ROLES, default=default, help=help_text)
         else:

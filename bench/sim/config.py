@@ -22,6 +22,12 @@ class SimConfig:
     """One pod's model, cache, cost model, KV-event and P/D options."""
 
     model: str = _opt("sim-model", "served model name, as vLLM's --served-model-name")
+    lora_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "LoRA adapters served besides the model, NAME or NAME=PATH each, as vLLM's "
+                  "--lora-modules: listed in /v1/models, served under model=NAME, their KV blocks hashed "
+                  "apart from the base model's (default: none)"},
+    )
     tokenizer: str | None = _opt(
         None,
         "HuggingFace tokenizer dir (tokenizer.json + tokenizer_config.json) (default: a WordTokenizer)",
@@ -97,6 +103,27 @@ class SimConfig:
             raise ValueError("jitter must be in [0, 1)")
         if self.role not in ROLES:
             raise ValueError(f"unknown role {self.role!r}")
+        self.adapters()
+
+    def adapters(self) -> dict[str, LoraAdapter]:
+        """The LoRA modules by name, ids from 1 in the order given (vLLM's lora_int_id). ValueError on
+        an empty or repeated name, or one that is the base model's."""
+        out: dict[str, LoraAdapter] = {}
+        for spec in self.lora_modules:
+            name, _, path = spec.partition("=")
+            if not name or name == self.model or name in out:
+                raise ValueError(f"lora_modules: {spec!r} needs a new name, not empty nor the model's")
+            out[name] = LoraAdapter(name, len(out) + 1, path or name)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class LoraAdapter:
+    """One served LoRA module: its name (the request's `model`), vLLM's int id and its path."""
+
+    name: str
+    lora_id: int
+    path: str
 
 
 def config_fields() -> list[dataclasses.Field]:

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.sim.config import SimConfig
+from bench.sim.config import LoraAdapter, SimConfig
 from bench.sim.events import Event
 from bench.sim.kvcache import BlockPool, KVCacheManager, SeqKV
 from bench.sim.metrics import SimMetrics
@@ -51,6 +51,7 @@ class SimRequest:
         max_tokens: int,
         *,
         cache_salt: str | None = None,
+        lora: LoraAdapter | None = None,
         do_remote_decode: bool = False,
         remote_prefill: dict[str, Any] | None = None,
         text_seed: int = 0,
@@ -64,7 +65,7 @@ class SimRequest:
         self.num_cached_tokens = -1  # set when first scheduled, as vLLM's num_cached_tokens
         self.num_preemptions = 0
         self.num_external = 0  # prompt tokens pulled from a prefill pod (P/D)
-        self.kv = SeqKV(cache_salt)
+        self.kv = SeqKV(cache_salt, lora)
         self.status = WAITING
         self.finish_reason: str | None = None
         self.do_remote_decode = do_remote_decode

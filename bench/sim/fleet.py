@@ -119,6 +119,8 @@ def config_to_args(config: SimConfig) -> list[str]:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, list):
+            args += [flag, *map(str, value)]
         else:
             args += [flag, str(value)]
     return args

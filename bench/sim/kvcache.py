@@ -3,7 +3,9 @@
 - Block hashes chain over (parent hash, token tuple, extra keys): SHA-256 of a msgpack encoding,
   the first block's parent being a seeded NONE_HASH (vLLM: from PYTHONHASHSEED, else a fixed seed
   for sha256, so pods agree; `hash_seed="random"` gives each pod its own). Events carry
-  the low 64 bits of the digest read big-endian, as vLLM's `maybe_convert_block_hash`.
+  the low 64 bits of the digest read big-endian, as vLLM's `maybe_convert_block_hash`. A LoRA
+  request's adapter (name, path) is an extra key of every block, as in vLLM, and its BlockStored
+  carries `lora_id` and `lora_name`.
 - Only full blocks are hashed and hit; a lookup stops one token short of the prompt, as vLLM
   recomputes the last prompt token to get logits.
 - Blocks referenced by a sequence are never evicted; freed cached blocks go to the tail of an LRU
@@ -24,6 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import msgpack
 
+from bench.sim.config import LoraAdapter
 from bench.sim.events import FULL_ATTENTION, MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, Event
 
 BlockHash = bytes
@@ -51,13 +54,14 @@ class KVBlock:
 class SeqKV:
     """A sequence's view of the cache: its blocks, the hashes of its full blocks, how many are cached."""
 
-    __slots__ = ("blocks", "cache_salt", "hashes", "num_cached_blocks")
+    __slots__ = ("blocks", "cache_salt", "hashes", "lora", "num_cached_blocks")
 
-    def __init__(self, cache_salt: str | None = None) -> None:
+    def __init__(self, cache_salt: str | None = None, lora: LoraAdapter | None = None) -> None:
         self.blocks: list[KVBlock] = []
         self.hashes: list[BlockHash] = []
         self.num_cached_blocks = 0
         self.cache_salt = cache_salt or None
+        self.lora = lora  # a LoRA request's adapter: every block's hash includes it
 
 
 class BlockPool:
@@ -218,9 +222,9 @@ class BlockPool:
                 parent_block_hash=external_hash(seq.hashes[start - 1]) if start else None,
                 token_ids=list(token_ids[start * bs : num_full_blocks * bs]),
                 block_size=bs,
-                lora_id=None,
+                lora_id=seq.lora.lora_id if seq.lora else None,
                 medium=MEDIUM_GPU,
-                lora_name=None,
+                lora_name=seq.lora.name if seq.lora else None,
                 extra_keys=[_event_extra_keys(seq, i) for i in range(start, num_full_blocks)],
                 group_idx=0,
                 kv_cache_spec_kind=FULL_ATTENTION,
@@ -297,14 +301,21 @@ class KVCacheManager:
 
 
 def _extra_keys(seq: SeqKV, block_index: int) -> tuple | None:
-    # vLLM tags each extra key with its source; cache_salt only enters the first block.
+    # vLLM tags each extra key with its source; the LoRA (name and path) enters every block, so an
+    # adapter's blocks never match the base model's, cache_salt only the first.
+    keys: list[tuple] = []
+    if seq.lora is not None:
+        keys.append(("lora", seq.lora.name, seq.lora.path))
     if block_index == 0 and seq.cache_salt:
-        return (("cache_salt", seq.cache_salt),)
-    return None
+        keys.append(("cache_salt", seq.cache_salt))
+    return tuple(keys) or None
 
 
 def _event_extra_keys(seq: SeqKV, block_index: int) -> tuple | None:
-    # Events carry the untagged values (vLLM's to_event_extra_keys).
+    # Events carry the untagged values (vLLM's to_event_extra_keys): the LoRA name, then the salt.
+    keys: list[str] = []
+    if seq.lora is not None:
+        keys.append(seq.lora.name)
     if block_index == 0 and seq.cache_salt:
-        return (seq.cache_salt,)
-    return None
+        keys.append(seq.cache_salt)
+    return tuple(keys) or None

@@ -83,6 +83,7 @@ class SimPod:
     ) -> None:
         config.validate()
         self.config = config
+        self.adapters = config.adapters()  # LoRA modules by name
         self.host = host
         self.port = port
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)

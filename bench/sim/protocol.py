@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from bench.sim.config import LoraAdapter
 from prefixindex.tokenizer import Tokenizer, message_text
 
 VLLM_VERSION = "0.32.0"
@@ -102,12 +103,17 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def check_model(body: Mapping[str, Any], served: str) -> None:
+def check_model(body: Mapping[str, Any], served: str, adapters: Collection[str] = ()) -> str | None:
+    """The LoRA adapter the body's `model` names, None for the base model (or none named); an
+    unknown model is a 404."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise schema_error("string_type", "body.model", "Input should be a valid string", model)
+    if model and model in adapters:
+        return model
     if model and model != served:  # vLLM accepts a missing model
         raise model_not_found(model, served)
+    return None
 
 
 # -- lax coercion, as pydantic does for these fields -----------------------------------------------
@@ -392,18 +398,27 @@ def usage_chunk(rid: str, model: str, created: int, fingerprint: str, chat: bool
     }
 
 
-def models_response(model: str, max_model_len: int, root: str) -> dict[str, Any]:
+def models_response(
+    model: str, max_model_len: int, root: str, adapters: Iterable[LoraAdapter] = ()
+) -> dict[str, Any]:
+    """vLLM's model list: the base model, then each LoRA module (root: its path, parent: the base
+    model, no max_model_len)."""
     now = int(time.time())
+    cards = [_model_card(model, root, None, max_model_len, now)]
+    cards += [_model_card(a.name, a.path, model, None, now) for a in adapters]
+    return {"object": "list", "data": cards}
+
+
+def _model_card(
+    name: str, root: str, parent: str | None, max_model_len: int | None, now: int
+) -> dict[str, Any]:
     return {
-        "object": "list",
-        "data": [{
-            "id": model, "object": "model", "created": now, "owned_by": "vllm", "root": root,
-            "parent": None, "max_model_len": max_model_len,
-            "permission": [{
-                "id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission",
-                "created": now, "allow_create_engine": False, "allow_sampling": True,
-                "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
-                "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False,
-            }],
+        "id": name, "object": "model", "created": now, "owned_by": "vllm", "root": root,
+        "parent": parent, "max_model_len": max_model_len,
+        "permission": [{
+            "id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission",
+            "created": now, "allow_create_engine": False, "allow_sampling": True,
+            "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+            "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False,
         }],
     }

@@ -142,7 +142,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     try:
         engine = _engine(pod)
         body = p.parse_json_body(await request.read())
-        p.check_model(body, cfg.model)
+        lora = p.check_model(body, cfg.model, pod.adapters)
         gen = p.parse_generation(body, chat=chat, tokenizer=pod.tokenizer, max_model_len=cfg.max_model_len)
         # A plain pod (role "both") has no KV connector and ignores kv_transfer_params, as vLLM does;
         # prefill and decode pods behave as vLLM with NixlConnector (kv_both): either side works.
@@ -156,6 +156,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     reqs = [
         SimRequest(
             pod.next_request_id(rid, i), ids, gen.max_tokens[i], cache_salt=gen.cache_salt,
+            lora=pod.adapters[lora] if lora else None,
             do_remote_decode=do_remote_decode, remote_prefill=remote_prefill,
             text_seed=pod.generator.seed_for(ids),
         )
@@ -204,7 +205,7 @@ def _transfer_params(pod: SimPod, req: SimRequest) -> dict[str, Any] | None:
 
 
 def _full_response(pod: SimPod, gen: p.GenRequest, reqs: Sequence[SimRequest], rid: str) -> dict[str, Any]:
-    model, created, fp = pod.config.model, int(time.time()), pod.fingerprint
+    model, created, fp = _served_name(pod, reqs[0]), int(time.time()), pod.fingerprint
     text = pod.generator.text
     use = _usage(pod, gen, reqs)
     params = _transfer_params(pod, reqs[0])
@@ -217,6 +218,12 @@ def _full_response(pod: SimPod, gen: p.GenRequest, reqs: Sequence[SimRequest], r
     )
 
 
+def _served_name(pod: SimPod, req: SimRequest) -> str:
+    """The response's `model`: the adapter's name for a LoRA request, as vLLM answers."""
+    lora = req.kv.lora
+    return lora.name if lora is not None else pod.config.model
+
+
 def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
@@ -227,7 +234,7 @@ async def _stream(
 ) -> web.StreamResponse:
     resp = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
     await resp.prepare(request)
-    model, created, fp = pod.config.model, int(time.time()), pod.fingerprint
+    model, created, fp = _served_name(pod, reqs[0]), int(time.time()), pod.fingerprint
     text = pod.generator.text
     # vLLM sends a chat stream's role chunk on the first engine output (its first token), not at once.
     role_pending = gen.chat
@@ -272,7 +279,7 @@ async def _stream(
 async def models(request: web.Request) -> web.Response:
     pod = request.app[POD]
     return _json(p.models_response(pod.config.model, pod.config.max_model_len,
-                                   pod.config.tokenizer or pod.config.model))
+                                   pod.config.tokenizer or pod.config.model, pod.adapters.values()))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -288,7 +295,7 @@ async def tokenize(request: web.Request) -> web.Response:
     pod = request.app[POD]
     try:
         body = p.parse_json_body(await request.read())
-        p.check_model(body, pod.config.model)
+        p.check_model(body, pod.config.model, pod.adapters)
         if "messages" in body:
             tokens = p.chat_tokens(body, pod.tokenizer)
         else:
@@ -306,7 +313,7 @@ async def detokenize(request: web.Request) -> web.Response:
     pod = request.app[POD]
     try:
         body = p.parse_json_body(await request.read())
-        p.check_model(body, pod.config.model)
+        p.check_model(body, pod.config.model, pod.adapters)
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise p.schema_error("list_type", "body.tokens", "Input should be a valid list", tokens)
