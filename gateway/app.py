@@ -1,6 +1,7 @@
 """The gateway application: state, middlewares, routes, and one cleanup_ctx entry per long-lived
-resource (upstream client session + proxy, the P/D flow, routing policies, health checker, metrics
-scraper, the summary log of refused requests), set up in this order and torn down in reverse."""
+resource (upstream client session + proxy, the P/D flow, routing policies, health checker, LoRA
+adapter poller, metrics scraper, the summary log of refused requests), set up in this order and torn
+down in reverse."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import errors
+from gateway.adapters import POLL_INTERVAL_S, AdapterPoller
 from gateway.auth import OPEN_PATHS, auth_middleware, load_api_keys
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
@@ -68,7 +70,8 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
     app[STATE] = state
     app[REJECTIONS] = rejections
     add_routes(app)
-    app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, health_ctx, scraper_ctx, rejections_ctx])
+    app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, health_ctx, adapters_ctx, scraper_ctx,
+                            rejections_ctx])
     return app
 
 
@@ -206,6 +209,15 @@ async def health_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics=state.metrics,
     )
     async with rounds("health checker", cfg.interval, checker.check_all):
+        yield
+
+
+async def adapters_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The LoRA adapters the pods list (GET /v1/models), once before serving (after the first health
+    round, so only live pods are asked) and then every POLL_INTERVAL_S."""
+    state = app[STATE]
+    poller = AdapterPoller(app[SESSION], state.pools, state.metrics, timeout=state.config.health.timeout)
+    async with rounds("adapter poller", POLL_INTERVAL_S, poller.poll_all):
         yield
 
 

@@ -125,6 +125,9 @@ class PoolSpec:
     tokenizer: str | None = None
     block_size: int | None = None
     pd: PDSpec | None = None
+    # LoRA adapters the pods serve on top of `model`: a request naming one routes to this pool, its
+    # block keys rooted at the adapter (more are learned from the pods' /v1/models)
+    adapters: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -199,6 +202,23 @@ def validate(cfg: GatewayConfig) -> None:
                 raise ValueError(f"pools.{pool.model}: endpoint {ep.url} weight must be positive")
             ep.url = ep.url.rstrip("/")
         validate_pd(pool)
+    validate_adapters(cfg.pools)
+
+
+def validate_adapters(pools: list[PoolSpec]) -> None:
+    """Each adapter name routes to one pool: none is empty, repeated, or any pool's model."""
+    models = {pool.model for pool in pools}
+    seen: dict[str, str] = {}
+    for pool in pools:
+        for name in pool.adapters:
+            where = f"pools.{pool.model}.adapters"
+            if not name:
+                raise ValueError(f"{where}: an adapter name must not be empty")
+            if name in models:
+                raise ValueError(f"{where}: {name!r} is the model of a pool")
+            if name in seen:
+                raise ValueError(f"{where}: {name!r} is already an adapter of pool {seen[name]!r}")
+            seen[name] = pool.model
 
 
 def validate_pd(pool: PoolSpec) -> None:

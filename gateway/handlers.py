@@ -59,7 +59,8 @@ async def proxy_api(request: web.Request) -> web.StreamResponse:
 
 
 def select_pool(pools: Pools, body: dict | None) -> Pool:
-    """The pool of the body's `model`; with a single pool, a request naming no model goes there."""
+    """The pool of the body's `model` (a pool's model or one of its LoRA adapters); with a single
+    pool, a request naming no model goes there."""
     model = body.get("model") if body else None
     if model is None:
         if len(pools.by_model) == 1:
@@ -72,11 +73,18 @@ def select_pool(pools: Pools, body: dict | None) -> Pool:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: the union of the pools' models, in the OpenAI list shape."""
+    """GET /v1/models: the union of the pools' models, in the OpenAI list shape, then their LoRA
+    adapters with `parent` naming the base model (as vLLM lists them)."""
     state = request.app[STATE]
+    created = state.started
     data = [
-        {"id": p.model, "object": "model", "created": state.started, "owned_by": "kvgate", "root": p.model}
+        {"id": p.model, "object": "model", "created": created, "owned_by": "kvgate", "root": p.model}
         for p in state.pools
+    ]
+    data += [
+        {"id": name, "object": "model", "created": created, "owned_by": "kvgate", "root": name,
+         "parent": p.model}
+        for name, p in state.pools.adapters()
     ]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 

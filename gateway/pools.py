@@ -1,9 +1,11 @@
-"""Pools: per model, the live Endpoint objects, the policy that chooses among them and, for a policy
-that routes by prefix, the pool's PrefixCache (owned here, started and closed by the app)."""
+"""Pools: per model, the live Endpoint objects, the policy that chooses among them, the LoRA adapters
+served on top of the model (configured and learned) and, for a policy that routes by prefix, the
+pool's PrefixCache (owned here, started and closed by the app)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,8 @@ from router.registry import build_policy, build_prefix_cache
 if TYPE_CHECKING:
     from router.prefix_cache import PrefixCache
 
+log = logging.getLogger("kvgate.pools")
+
 
 @dataclass(slots=True, eq=False)
 class Pool:
@@ -28,6 +32,8 @@ class Pool:
     endpoints: list[Endpoint]
     pd: PDRouter | None = None  # set for a pool with prefill pods (prefill/decode disaggregation)
     prefix_cache: PrefixCache | None = None  # set when the policy class has `uses_prefix_cache`
+    adapters: frozenset[str] = frozenset()  # LoRA adapters from the config
+    learned_adapters: frozenset[str] = frozenset()  # LoRA adapters the pods list (/v1/models)
 
     def candidates(self, tried: list[Endpoint], panic_threshold: float = 0.0) -> tuple[list[Endpoint], bool]:
         """Endpoints that may take a whole request now, and whether the pool is in panic mode.
@@ -54,16 +60,60 @@ class Pool:
 
 
 class Pools:
-    """model name -> Pool, in config order."""
+    """model name -> Pool, in config order; a LoRA adapter's name -> the pool serving it.
+
+    Configured adapters are fixed (gateway.config checked they clash with nothing); learned ones
+    follow what the pods list, and one whose name a pool's model or another pool's adapter already
+    takes (the first to claim it keeps it) is ignored, logged once, so a name routes to one pool."""
 
     def __init__(self, pools: list[Pool]) -> None:
         self.by_model = {p.model: p for p in pools}
+        self._adapters: dict[str, Pool] = {}
+        self._refused: set[tuple[str, str]] = set()
+        self._reindex()
 
     def __iter__(self) -> Iterator[Pool]:
         return iter(self.by_model.values())
 
     def get(self, model: str) -> Pool | None:
-        return self.by_model.get(model)
+        """The pool of a model or of a LoRA adapter; None when nothing serves `model`."""
+        pool = self.by_model.get(model)
+        return pool if pool is not None else self._adapters.get(model)
+
+    def adapters(self) -> Iterator[tuple[str, Pool]]:
+        """(adapter name, its pool), in pool order then by name."""
+        for pool in self.by_model.values():
+            for name in sorted(pool.adapters | pool.learned_adapters):
+                if self._adapters.get(name) is pool:
+                    yield name, pool
+
+    def learn_adapters(self, pool: Pool, names: Iterable[str]) -> None:
+        """The adapters `pool`'s pods list now (replacing what they listed before)."""
+        learned = set()
+        for name in names:
+            if name == pool.model:
+                continue
+            owner = self.get(name)
+            if owner is not None and owner is not pool:
+                if (pool.model, name) not in self._refused:
+                    self._refused.add((pool.model, name))
+                    log.warning("pool %s: pods list adapter %r, a name another pool serves: ignored",
+                                pool.model, name)
+                continue
+            learned.add(name)
+        if learned != pool.learned_adapters:
+            pool.learned_adapters = frozenset(learned)
+            self._reindex()
+
+    def _reindex(self) -> None:
+        index: dict[str, Pool] = {}
+        for pool in self.by_model.values():
+            for name in pool.adapters:
+                index[name] = pool
+        for pool in self.by_model.values():
+            for name in pool.learned_adapters:
+                index.setdefault(name, pool)  # learn_adapters let no name into two pools
+        self._adapters = index
 
     def endpoints(self) -> Iterator[Endpoint]:
         for pool in self.by_model.values():
@@ -92,7 +142,8 @@ def build_pool(spec: PoolSpec, registry: CollectorRegistry, seed: int | None) ->
     )  # fmt: skip
     ctx = PolicyContext(model=spec.model, registry=registry, seed=seed, prefix_cache=cache)
     policy = build_policy(name, params, ctx)
-    return Pool(spec.model, name, policy, endpoints, build_pd_router(spec, endpoints), cache)
+    pd = build_pd_router(spec, endpoints)
+    return Pool(spec.model, name, policy, endpoints, pd, cache, adapters=frozenset(spec.adapters))
 
 
 def build_pd_router(spec: PoolSpec, endpoints: list[Endpoint]) -> PDRouter | None:

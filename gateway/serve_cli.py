@@ -120,6 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
         "the same order", repeat=True, metavar="ENDPOINT")
     add(quick, "--kv-events-replay", "a pod's KV-events replay endpoint, once per --backend", repeat=True,
         metavar="ENDPOINT")
+    add(quick, "--adapter", "a LoRA adapter the backends serve on top of --model; repeat (more are "
+        "learned from their /v1/models)", repeat=True, metavar="NAME")
     add(quick, "--tokenizer", "HuggingFace tokenizer dir for cache-aware routing",
         shown="a built-in word tokenizer")
     add(quick, "--block-size", "tokens per KV block for cache-aware routing", type=int,
@@ -190,6 +192,7 @@ def quick_pool(args: argparse.Namespace) -> PoolSpec:
         tokenizer=args.tokenizer,
         block_size=args.block_size,
         pd=pd_spec(args),
+        adapters=list(args.adapter),
     )
 
 

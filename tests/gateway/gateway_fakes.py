@@ -87,6 +87,9 @@ class FakePod:
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.healthy else 503)
 
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model", "parent": None}]})
+
     async def metrics(self, request: web.Request) -> web.Response:
         text = (
             f'vllm:num_requests_running{{engine="0",model_name="m"}} {float(self.running)}\n'
@@ -100,6 +103,7 @@ class FakePod:
         app = web.Application()
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/v1/models", self.models)  # the gateway's adapter poll, not an API call
         app.router.add_route("*", "/v1/{tail:.*}", self.api)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1)
         await self._runner.setup()
