@@ -8,6 +8,10 @@ pod, engine hash -> own key, to chain later runs and to apply BlockRemoved. Two 
 the same block at once leave two physical copies under one hash, and vLLM sends BlockRemoved per copy:
 copies are counted, and a block leaves the index with its last copy.
 
+LoRA: a run stored with `lora_name` X gets the keys of a request whose `model` is adapter X on this
+pool (prefixindex.prompt roots both at `root_key(model, X, salt)`); a run with only a `lora_id`
+(vLLM before `lora_name`) cannot be named so, and is skipped (`skipped_lora_unnamed`).
+
 `pending` (optional) holds the blocks routing sent to this pod before any event confirmed them. An
 event settles them: a stored block is now known for sure, a removed one is gone, so both leave
 `pending`, which otherwise would keep claiming blocks the pod has long evicted.
@@ -95,6 +99,11 @@ class PodEventTracker:
             return
         if not self._accept(ev.block_size):
             self.counts["skipped_block_size"] += 1
+            return
+        if ev.lora_name is None and ev.lora_id is not None:
+            # an adapter's blocks (vLLM before lora_name): the id alone cannot name the request's
+            # key root, and the base model's root would claim blocks that hold no base-model KV
+            self.counts["skipped_lora_unnamed"] += 1
             return
         if ev.parent_block_hash is None:
             parent = root_key(self.model, ev.lora_name, salt_of(ev))
