@@ -58,6 +58,7 @@ class Timeouts:
     connect: float = 2.0  # TCP connect to a pod
     read: float = 600.0  # longest silence from a pod, before or during its answer
     shutdown: float = 30.0  # graceful shutdown: how long in-flight streams may run on
+    client_body: float = 60.0  # longest silence from a client before its request body is complete
 
 
 @dataclass(slots=True)
@@ -184,6 +185,9 @@ def validate(cfg: GatewayConfig) -> None:
     if cfg.health.timeout > cfg.health.interval:
         # checks must not overlap: a hung pod is out within eject_after_timeouts intervals plus a timeout
         raise ValueError("health.timeout must not exceed health.interval")
+    t = cfg.timeouts
+    if min(t.connect, t.read, t.client_body) <= 0 or t.shutdown < 0:
+        raise ValueError("timeouts: connect, read and client_body must be positive, shutdown >= 0")
     if cfg.scrape.interval < 0:
         raise ValueError("scrape.interval must be >= 0")
     if cfg.logs.rejected_interval <= 0:

@@ -106,6 +106,16 @@ def unreadable_body(detail: str) -> GatewayError:
     return GatewayError(400, f"The request body could not be read: {detail}", reason="bad_framing")
 
 
+def body_timeout(idle_timeout: float) -> GatewayError:
+    """The client stopped sending before its body was complete."""
+    return GatewayError(
+        408,
+        f"The request body did not arrive: no data for {idle_timeout:g} s.",
+        code="request_timeout",
+        reason="body_timeout",
+    )
+
+
 def not_forwardable(detail: str) -> GatewayError:
     """The upstream request could not be built from the client's (the pod is not to blame)."""
     return GatewayError(400, f"The request cannot be forwarded: {detail}", reason="not_forwardable")

@@ -34,7 +34,7 @@ async def proxy_api(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     request_id = request[REQUEST_ID_KEY]
     path = request[TARGET_KEY].path
-    raw = await read_body(request, state.config.limits.max_body_bytes)
+    raw = await read_body(request, state.config.limits.max_body_bytes, state.config.timeouts.client_body)
     body = parse_body(raw, path)
     pool = select_pool(state.pools, body)
     route = RouteRequest(

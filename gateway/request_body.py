@@ -57,24 +57,42 @@ MAX_CODINGS = 2  # `gzip, gzip` at most: each layer is another full decompressio
 THREAD_DECODE_BYTES = 256 << 10  # compressed bodies above this are decoded off the event loop
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, idle_timeout: float) -> bytes:
     """The body as the pod must read it: decoded per Content-Encoding. 413 when it exceeds `limit`
-    bytes (checked on Content-Length first, and on the decoded size), 415 for a coding other than
-    gzip/deflate/identity, 400 for a body that does not decode or whose framing broke."""
+    bytes (checked on Content-Length first, as it arrives, and on the decoded size), 415 for a coding
+    other than gzip/deflate/identity, 400 for a body that does not decode or whose framing broke, 408
+    when the client goes silent for `idle_timeout` seconds before its body is complete."""
     codings = content_codings(request.headers.getall("Content-Encoding", ()))
     if request.content_length is not None and request.content_length > limit:
         raise errors.body_too_large(limit)
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise errors.body_too_large(limit) from exc
+        raw = await _read_raw(request, limit, idle_timeout)
     except (web.RequestPayloadError, HttpProcessingError) as exc:
         raise errors.unreadable_body(_first_line(exc)) from None
+    except TimeoutError:
+        raise errors.body_timeout(idle_timeout) from None
     if not codings or not raw:
         return raw
     if len(raw) > THREAD_DECODE_BYTES:
         return await asyncio.to_thread(decode_body, raw, codings, limit)
     return decode_body(raw, codings, limit)
+
+
+async def _read_raw(request: web.Request, limit: int, idle_timeout: float) -> bytes:
+    """The body's bytes as sent, at most `limit`, with a deadline reset by every chunk that arrives (a
+    slow upload goes on; a client that stalls mid-body does not hold the request forever)."""
+    content = request.content
+    chunks: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(idle_timeout) as deadline:
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise errors.body_too_large(limit)
+            chunks.append(chunk)
+            deadline.reschedule(loop.time() + idle_timeout)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def content_codings(values: Any) -> list[str]:

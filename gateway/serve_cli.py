@@ -145,6 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
     add(tune, "--read-timeout", "longest silence from a pod, seconds", type=float, shown=d.timeouts.read)
     add(tune, "--shutdown-timeout", "seconds in-flight requests may run on after SIGTERM", type=float,
         shown=d.timeouts.shutdown)
+    add(tune, "--client-body-timeout", "longest silence from a client sending its body, seconds (408)",
+        type=float, shown=d.timeouts.client_body)
     add(tune, "--max-body-bytes", "largest request body accepted", type=int, shown=d.limits.max_body_bytes)
     add(tune, "--api-keys-file", "file of accepted API keys, one a line", shown="no API keys: open")
     add(tune, "--api-keys-env", "environment variable with comma-separated API keys",
@@ -240,6 +242,7 @@ def _apply_overrides(c: GatewayConfig, a: argparse.Namespace) -> None:
         (a.connect_timeout, c.timeouts, "connect"),
         (a.read_timeout, c.timeouts, "read"),
         (a.shutdown_timeout, c.timeouts, "shutdown"),
+        (a.client_body_timeout, c.timeouts, "client_body"),
         (a.max_body_bytes, c.limits, "max_body_bytes"),
         (a.api_keys_file, c.auth, "api_keys_file"),
         (a.api_keys_env, c.auth, "api_keys_env"),

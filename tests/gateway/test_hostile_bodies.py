@@ -208,7 +208,7 @@ async def test_framing_that_breaks_while_the_body_is_read_is_an_openai_400(exc):
         "POST", "/v1/completions", headers={"Content-Length": "10"}, payload=payload
     )
     with pytest.raises(GatewayError) as info:
-        await read_body(request, 1000)
+        await read_body(request, 1000, 5.0)
     assert info.value.status == 400 and info.value.reason == "bad_framing"
     assert "Traceback" not in info.value.message
 
@@ -227,3 +227,58 @@ async def test_framing_broken_before_any_handler_runs_is_an_openai_400_without_t
         assert_openai_error(resp, 400)  # aiohttp's own answer, in the gateway's error shape
     assert not [r for r in caplog.records if r.exc_info], "a client's bad HTTP logged a traceback"
     assert pod.seen == []
+
+
+async def _open(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    parts = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(parts[0], int(parts[1]))
+
+
+def _head(length: int) -> bytes:
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % length
+    )
+
+
+@pytest.mark.timeout(20)
+async def test_a_client_that_stalls_mid_body_gets_an_openai_408(fake_pods, start_gateway):
+    """The hang left open by issue 10: headers, part of the body, then silence. The request must end."""
+    from hostile_support import read_response
+
+    (pod,) = await fake_pods(1)
+    gw = await start_gateway(pool_config([pod.url], timeouts={"client_body": 0.3}))
+    body = completion("x")
+    reader, writer = await _open(gw.url)
+    writer.write(_head(len(body)) + body[:10])
+    await writer.drain()
+    resp = await read_response(reader, within=10)
+    writer.close()
+    assert_openai_error(resp, 408)
+    assert orjson.loads(resp.body)["error"]["code"] == "request_timeout"
+    assert pod.seen == []
+
+
+@pytest.mark.timeout(20)
+async def test_a_slow_upload_whose_every_gap_is_under_the_timeout_is_served(fake_pods, start_gateway):
+    """The timeout is on silence, not on the whole upload: each chunk resets it."""
+    from hostile_support import read_response
+
+    (pod,) = await fake_pods(1)
+    gw = await start_gateway(pool_config([pod.url], timeouts={"client_body": 0.5}))
+    body = completion("a slow client")
+    reader, writer = await _open(gw.url)
+    writer.write(_head(len(body)))
+    for i in range(0, len(body), 8):  # the whole upload takes ~5 gaps of 0.15 s: longer than 0.5 s
+        writer.write(body[i : i + 8])
+        await writer.drain()
+        await asyncio.sleep(0.15)  # the client's pace, not a wait for the server
+    resp = await read_response(reader, within=10)
+    writer.close()
+    assert resp.status == 200, resp.body
+    assert len(pod.seen) == 1
+
+
+def test_client_body_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="client_body"):
+        pool_config(["http://127.0.0.1:1"], timeouts={"client_body": 0})
