@@ -69,8 +69,11 @@ async def send_raw(base_url: str, data: bytes, *, within: float = 20.0) -> RawRe
     url = urlsplit(base_url)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     try:
-        writer.write(data)
-        await writer.drain()
+        try:
+            writer.write(data)
+            await writer.drain()
+        except ConnectionError:
+            pass  # the server answered and closed before taking all of a body it refused: read its answer
         return await read_response(reader, within=within)
     finally:
         writer.close()
