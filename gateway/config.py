@@ -143,6 +143,9 @@ class GatewayConfig:
     scrape: Scrape = field(default_factory=Scrape)
     forwarded: Forwarded = field(default_factory=Forwarded)
     logs: Logs = field(default_factory=Logs)
+    # other names clients may use for a pool's model or adapter (alias -> served name); the pod is sent
+    # the served name, and lists it in its answer
+    aliases: dict[str, str] = field(default_factory=dict)
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -207,6 +210,19 @@ def validate(cfg: GatewayConfig) -> None:
             ep.url = ep.url.rstrip("/")
         validate_pd(pool)
     validate_adapters(cfg.pools)
+    validate_aliases(cfg.aliases, cfg.pools)
+
+
+def validate_aliases(aliases: dict[str, str], pools: list[PoolSpec]) -> None:
+    """An alias names a pool's model or configured adapter, and takes no name already served."""
+    served = {pool.model for pool in pools} | {name for pool in pools for name in pool.adapters}
+    for alias, target in aliases.items():
+        if not alias:
+            raise ValueError("aliases: an alias must not be empty")
+        if alias in served:
+            raise ValueError(f"aliases.{alias}: already the name of a pool's model or adapter")
+        if target not in served:
+            raise ValueError(f"aliases.{alias}: {target!r} is no pool's model or adapter")
 
 
 def validate_adapters(pools: list[PoolSpec]) -> None:

@@ -37,6 +37,7 @@ async def proxy_api(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request, state.config.limits.max_body_bytes, state.config.timeouts.client_body)
     body = parse_body(raw, path)
     pool = select_pool(state.pools, body)
+    aliased = body is not None and resolve_alias(state.pools, body)
     route = RouteRequest(
         request_id=request_id, model=pool.model, path=path, body=body or {}, headers=request.headers
     )
@@ -47,6 +48,7 @@ async def proxy_api(request: web.Request) -> web.StreamResponse:
         body=body,
         raw_body=raw,
         arrival=arrival,
+        body_changed=aliased,
         upstream_headers=upstream_headers(
             request,
             request_id,
@@ -58,6 +60,15 @@ async def proxy_api(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].forward(call)
 
 
+def resolve_alias(pools: Pools, body: dict) -> bool:
+    """Replace an alias in the body's `model` by the name the pods serve; whether it did."""
+    target = pools.aliases.get(body.get("model"))  # type: ignore[arg-type]
+    if target is None:
+        return False
+    body["model"] = target
+    return True
+
+
 def select_pool(pools: Pools, body: dict | None) -> Pool:
     """The pool of the body's `model` (a pool's model or one of its LoRA adapters); with a single
     pool, a request naming no model goes there."""
@@ -66,7 +77,7 @@ def select_pool(pools: Pools, body: dict | None) -> Pool:
         if len(pools.by_model) == 1:
             return next(iter(pools))
         raise errors.bad_request("You must provide a model parameter.", param="model")
-    pool = pools.get(model)
+    pool = pools.get(pools.aliases.get(model, model))
     if pool is None:
         raise errors.model_not_found(model)
     return pool
@@ -74,7 +85,8 @@ def select_pool(pools: Pools, body: dict | None) -> Pool:
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the union of the pools' models, in the OpenAI list shape, then their LoRA
-    adapters with `parent` naming the base model (as vLLM lists them)."""
+    adapters with `parent` naming the base model (as vLLM lists them), then the aliases (`root`: the
+    name they stand for)."""
     state = request.app[STATE]
     created = state.started
     data = [
@@ -85,6 +97,10 @@ async def list_models(request: web.Request) -> web.Response:
         {"id": name, "object": "model", "created": created, "owned_by": "kvgate", "root": name,
          "parent": p.model}
         for name, p in state.pools.adapters()
+    ]
+    data += [
+        {"id": alias, "object": "model", "created": created, "owned_by": "kvgate", "root": target}
+        for alias, target in state.pools.aliases.items()
     ]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 

@@ -66,8 +66,9 @@ class Pools:
     follow what the pods list, and one whose name a pool's model or another pool's adapter already
     takes (the first to claim it keeps it) is ignored, logged once, so a name routes to one pool."""
 
-    def __init__(self, pools: list[Pool]) -> None:
+    def __init__(self, pools: list[Pool], aliases: dict[str, str] | None = None) -> None:
         self.by_model = {p.model: p for p in pools}
+        self.aliases = dict(aliases or {})  # alias -> the served name it stands for (config.aliases)
         self._adapters: dict[str, Pool] = {}
         self._refused: set[tuple[str, str]] = set()
         self._reindex()
@@ -160,4 +161,4 @@ def build_pd_router(spec: PoolSpec, endpoints: list[Endpoint]) -> PDRouter | Non
 
 
 def build_pools(config: GatewayConfig, registry: CollectorRegistry) -> Pools:
-    return Pools([build_pool(spec, registry, config.seed) for spec in config.pools])
+    return Pools([build_pool(spec, registry, config.seed) for spec in config.pools], config.aliases)
