@@ -1,7 +1,7 @@
 """The gateway application: state, middlewares, routes, and one cleanup_ctx entry per long-lived
-resource (upstream client session + proxy, the P/D flow, routing policies, health checker, LoRA
-adapter poller, metrics scraper, the summary log of refused requests), set up in this order and torn
-down in reverse."""
+resource (upstream client session + proxy, the P/D flow, routing policies, Kubernetes pod discovery,
+health checker, LoRA adapter poller, metrics scraper, the summary log of refused requests), set up in
+this order and torn down in reverse."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ from gateway.request_body import SERVER_ARGS
 from gateway.scraper import MetricsScraper
 from gateway.state import PROXY, SESSION, STATE, GatewayState
 from gateway.target import TARGET_KEY, resolve_target
+from router.discovery import kubernetes as kube_discovery
+from router.discovery.metrics import DiscoveryMetrics
 
 log = logging.getLogger("kvgate.app")
 
@@ -72,6 +74,9 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
     add_routes(app)
     app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, health_ctx, adapters_ctx, scraper_ctx,
                             rejections_ctx])
+    if any(spec.discovery == "kubernetes" for spec in config.pools):
+        check_discovery(config)
+        app.cleanup_ctx.insert(app.cleanup_ctx.index(policies_ctx) + 1, discovery_ctx)
     return app
 
 
@@ -193,6 +198,28 @@ async def policies_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         for close in reversed(started):
             await close()
+
+
+def check_discovery(config: GatewayConfig) -> None:
+    """Before anything starts: the client library is installed (else ModuleNotFoundError, which the CLI
+    turns into its one-line hint) and each pool's credentials exist (else ValueError naming the key)."""
+    kube_discovery.require_client()
+    for spec in config.pools:
+        if spec.kubernetes is not None:
+            kube_discovery.check_credentials(spec.kubernetes, f"pools.{spec.model}.kubernetes")
+
+
+async def discovery_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A pod watcher per `discovery: kubernetes` pool, after the prefix caches (so they see every pod
+    join) and before the first health round; the first pod lists are waited for before serving."""
+    state = app[STATE]
+    watched = []
+    for spec in state.config.pools:
+        pool = state.pools.by_model[spec.model]
+        if spec.kubernetes is not None:
+            watched.append(kube_discovery.WatchedPool(spec.model, spec.kubernetes, pool.update_endpoints))
+    async with kube_discovery.watch_pools(watched, DiscoveryMetrics(state.metrics.registry)):
+        yield
 
 
 async def health_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -23,6 +23,7 @@ OPTIONAL_MODULES: dict[str, str] = {
     "numpy": "bench",
     "matplotlib": "bench",
     "locust": "bench",
+    "kubernetes_asyncio": "kubernetes",
 }
 EXIT_USAGE = 2
 

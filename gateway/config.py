@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from router.discovery.config import KubernetesDiscovery, validate_kubernetes
 from router.endpoint import Role
 from router.pd import DEFAULT_PREFILL_TIMEOUT_S, DEFAULT_THRESHOLD_TOKENS
 
@@ -121,7 +122,7 @@ class PoolSpec:
     """The endpoints serving one model and the policy choosing among them."""
 
     model: str
-    endpoints: list[EndpointSpec]
+    endpoints: list[EndpointSpec] = field(default_factory=list)
     policy: PolicySpec = field(default_factory=PolicySpec)
     tokenizer: str | None = None
     block_size: int | None = None
@@ -129,6 +130,10 @@ class PoolSpec:
     # LoRA adapters the pods serve on top of `model`: a request naming one routes to this pool, its
     # block keys rooted at the adapter (more are learned from the pods' /v1/models)
     adapters: list[str] = field(default_factory=list)
+    # `kubernetes`: the pool's pods are also found by watching the API server (the `kubernetes` key;
+    # router/discovery), joining and leaving as they turn Ready or go; `endpoints` may then be empty
+    discovery: Literal["static", "kubernetes"] = "static"
+    kubernetes: KubernetesDiscovery | None = None
 
 
 @dataclass(slots=True)
@@ -200,7 +205,8 @@ def validate(cfg: GatewayConfig) -> None:
         if pool.model in models:
             raise ValueError(f"pools: model {pool.model!r} appears twice")
         models.add(pool.model)
-        if not pool.endpoints:
+        validate_discovery(pool)
+        if not pool.endpoints and pool.discovery == "static":
             raise ValueError(f"pools.{pool.model}.endpoints: at least one endpoint is needed")
         for ep in pool.endpoints:
             if not ep.url.startswith(("http://", "https://")):
@@ -223,6 +229,17 @@ def validate_aliases(aliases: dict[str, str], pools: list[PoolSpec]) -> None:
             raise ValueError(f"aliases.{alias}: already the name of a pool's model or adapter")
         if target not in served:
             raise ValueError(f"aliases.{alias}: {target!r} is no pool's model or adapter")
+
+
+def validate_discovery(pool: PoolSpec) -> None:
+    """`discovery: kubernetes` comes with its `kubernetes` settings; static pools have none."""
+    where = f"pools.{pool.model}"
+    if pool.discovery == "kubernetes":
+        if pool.kubernetes is None:
+            raise ValueError(f"{where}.kubernetes: required with discovery: kubernetes (label_selector, ...)")
+        validate_kubernetes(pool.kubernetes, f"{where}.kubernetes")
+    elif pool.kubernetes is not None:
+        raise ValueError(f"{where}.kubernetes: applies only with discovery: kubernetes")
 
 
 def validate_adapters(pools: list[PoolSpec]) -> None:
@@ -250,7 +267,7 @@ def validate_pd(pool: PoolSpec) -> None:
     pd = pool.pd
     if pd is None:
         return
-    if "prefill" not in roles:
+    if "prefill" not in roles and pool.discovery == "static":  # discovered prefill pods come later
         raise ValueError(f"{where}.pd: the pool has no endpoint with role prefill")
     if pd.threshold_tokens < 0 or pd.prefill_timeout_s <= 0:
         raise ValueError(f"{where}.pd: threshold_tokens must be >= 0 and prefill_timeout_s positive")
