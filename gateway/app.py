@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway import errors
 from gateway.adapters import POLL_INTERVAL_S, AdapterPoller
+from gateway.admission.controller import ADMISSION, AdmissionController
+from gateway.admission.tenants import tenant_api_keys
 from gateway.auth import OPEN_PATHS, auth_middleware, load_api_keys
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
@@ -49,7 +51,7 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
     registry = registry if registry is not None else CollectorRegistry()
     pools = build_pools(config, registry)
     metrics = GatewayMetrics(registry, pools.endpoints)
-    api_keys = load_api_keys(config.auth)
+    api_keys = load_api_keys(config.auth) + tenant_api_keys(config.admission)
     state = GatewayState(
         config=config,
         pools=pools,
@@ -72,8 +74,11 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
     app[STATE] = state
     app[REJECTIONS] = rejections
     add_routes(app)
+    if config.admission is not None:
+        app[ADMISSION] = AdmissionController(config, pools, registry, keys_checked=bool(api_keys))
+        app.on_shutdown.append(admission_drain)
     app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, health_ctx, adapters_ctx, scraper_ctx,
-                            rejections_ctx])
+                            rejections_ctx, admission_ctx])
     if any(spec.discovery == "kubernetes" for spec in config.pools):
         check_discovery(config)
         app.cleanup_ctx.insert(app.cleanup_ctx.index(policies_ctx) + 1, discovery_ctx)
@@ -141,6 +146,27 @@ def _account(request: web.Request, status: int) -> None:
     final = call.status if call.status == 499 else status
     metrics.requests(model, served, str(final)).inc()
     metrics.latency(model).observe(time.perf_counter() - call.arrival)
+
+
+async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Admission control's recheck task; at teardown every request still queued is answered (503)."""
+    controller = app.get(ADMISSION)
+    if controller is None:
+        yield
+        return
+    task = asyncio.create_task(controller.run(), name="admission recheck")
+    yield
+    task.cancel()
+    controller.close()
+
+
+async def admission_drain(app: web.Application) -> None:
+    """SIGTERM (runner cleanup, before in-flight requests are awaited): queued requests keep being
+    dispatched for admission.drain_timeout_s (at most half of timeouts.shutdown, so the last ones
+    dispatched can still finish), then the rest get 503."""
+    config = app[STATE].config
+    assert config.admission is not None
+    app[ADMISSION].start_drain(min(config.admission.drain_timeout_s, config.timeouts.shutdown / 2))
 
 
 async def rejections_ctx(app: web.Application) -> AsyncIterator[None]:

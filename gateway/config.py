@@ -137,6 +137,51 @@ class PoolSpec:
 
 
 @dataclass(slots=True)
+class ModelAccess:
+    """A model or LoRA adapter a tenant may use, and the conditions on it."""
+
+    name: str
+    max_prompt_tokens: int | None = None  # longer prompts get 403 (None: no limit)
+
+
+@dataclass(slots=True)
+class TenantSpec:
+    """One tenant of admission control: a flow of the fair queue, with its own limits."""
+
+    name: str
+    weight: float = 1.0  # share of dispatch (estimated tokens) against the other tenants of its priority
+    priority: int = 0  # higher is dispatched first (admission.aging_s keeps lower ones moving)
+    api_keys: list[str] = field(default_factory=list)  # keys identifying it (they also pass auth)
+    models: list[ModelAccess] | None = None  # None: every model and adapter
+    max_queued: int | None = None  # requests waiting in the queue at once (None: only the total applies)
+    max_queued_bytes: int | None = None  # request body bytes waiting at once
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None  # estimated prompt + expected output tokens
+    queue_timeout_s: float | None = None  # longest wait in the queue (None: admission.queue_timeout_s)
+
+
+@dataclass(slots=True)
+class Admission:
+    """Admission control: requests wait in the gateway while their pool is saturated (gateway/admission)."""
+
+    order: Literal["fair", "fifo"] = "fair"  # fifo: one queue in arrival order (for comparison)
+    tenants: list[TenantSpec] = field(default_factory=list)
+    default_tenant: str = "default"  # whose spec applies to requests naming no configured tenant
+    max_queued: int = 10000  # requests waiting in total
+    max_queued_bytes: int = 256 << 20  # request body bytes waiting in total
+    queue_timeout_s: float = 30.0  # default longest wait in the queue; x-kvgate-queue-timeout lowers it
+    max_queue_timeout_s: float = 300.0  # the most a client's x-kvgate-queue-timeout may ask for
+    aging_s: float = 10.0  # a waiting request gains one priority level per aging_s seconds (0: never)
+    default_output_tokens: int = 256  # expected output of a request without max_tokens (its cost)
+    max_in_flight_per_pod: int | None = None  # None: the policy's learned batch size, else 256
+    headroom_per_pod: int = 1  # requests beyond that limit, so a pod's batch never waits for the gateway
+    max_kv_usage: float = 0.98  # a pod scraped at or above this KV usage takes no new request
+    max_predicted_ttft_s: float | None = None  # cache_aware: a pod predicted slower takes none
+    recheck_interval_s: float = 0.05  # re-reads the load signals this often while requests wait
+    drain_timeout_s: float = 10.0  # on SIGTERM: queued requests still waiting after this get 503
+
+
+@dataclass(slots=True)
 class GatewayConfig:
     pools: list[PoolSpec]
     listen: Listen = field(default_factory=Listen)
@@ -148,6 +193,7 @@ class GatewayConfig:
     scrape: Scrape = field(default_factory=Scrape)
     forwarded: Forwarded = field(default_factory=Forwarded)
     logs: Logs = field(default_factory=Logs)
+    admission: Admission | None = None  # None: no admission control (every request dispatched at once)
     # other names clients may use for a pool's model or adapter (alias -> served name); the pod is sent
     # the served name, and lists it in its answer
     aliases: dict[str, str] = field(default_factory=dict)
@@ -216,6 +262,8 @@ def validate(cfg: GatewayConfig) -> None:
             ep.url = ep.url.rstrip("/")
         validate_pd(pool)
     validate_adapters(cfg.pools)
+    if cfg.admission is not None:
+        validate_admission(cfg.admission)
     validate_aliases(cfg.aliases, cfg.pools)
 
 
@@ -240,6 +288,38 @@ def validate_discovery(pool: PoolSpec) -> None:
         validate_kubernetes(pool.kubernetes, f"{where}.kubernetes")
     elif pool.kubernetes is not None:
         raise ValueError(f"{where}.kubernetes: applies only with discovery: kubernetes")
+
+
+def validate_admission(adm: Admission) -> None:
+    """Positive limits, unique tenant names and API keys."""
+    if adm.max_queued < 0 or adm.max_queued_bytes < 0 or adm.default_output_tokens < 0:
+        raise ValueError("admission: max_queued, max_queued_bytes and default_output_tokens must be >= 0")
+    if min(adm.queue_timeout_s, adm.max_queue_timeout_s, adm.aging_s, adm.drain_timeout_s) < 0:
+        raise ValueError("admission: timeouts and aging_s must be >= 0")
+    if adm.recheck_interval_s <= 0 or not 0.0 < adm.max_kv_usage <= 1.0 or adm.headroom_per_pod < 0:
+        raise ValueError("admission: recheck_interval_s > 0, max_kv_usage in (0, 1], headroom_per_pod >= 0")
+    if adm.max_in_flight_per_pod is not None and adm.max_in_flight_per_pod < 1:
+        raise ValueError("admission.max_in_flight_per_pod must be at least 1")
+    names: set[str] = set()
+    keys: set[str] = set()
+    for i, t in enumerate(adm.tenants):
+        where = f"admission.tenants[{i}]"
+        if not t.name or t.name in names:
+            raise ValueError(f"{where}: tenant name {t.name!r} is empty or repeated")
+        names.add(t.name)
+        if t.weight <= 0:
+            raise ValueError(f"{where}.weight must be positive")
+        for key in t.api_keys:
+            if not key or key in keys:
+                raise ValueError(f"{where}.api_keys: a key is empty or belongs to two tenants")
+            keys.add(key)
+        for limit in (t.max_queued, t.max_queued_bytes, t.requests_per_minute, t.tokens_per_minute,
+                      t.queue_timeout_s):
+            if limit is not None and limit < 0:
+                raise ValueError(f"{where}: limits must be >= 0")
+        for m in t.models or ():
+            if m.max_prompt_tokens is not None and m.max_prompt_tokens < 0:
+                raise ValueError(f"{where}.models.{m.name}.max_prompt_tokens must be >= 0")
 
 
 def validate_adapters(pools: list[PoolSpec]) -> None:

@@ -14,6 +14,7 @@ from aiohttp.http import HttpVersion11
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import errors
+from gateway.admission.controller import ADMISSION
 from gateway.pools import Pool, Pools
 from gateway.proxy import ProxyCall, upstream_headers
 from gateway.request_body import parse_body, read_body
@@ -57,7 +58,14 @@ async def proxy_api(request: web.Request) -> web.StreamResponse:
         ),
     )
     request[CALL_KEY] = call
-    return await request.app[PROXY].forward(call)
+    admission = request.app.get(ADMISSION)
+    if admission is None:
+        return await request.app[PROXY].forward(call)
+    ticket = await admission.admit(call)  # may wait; routed only once admitted (late binding)
+    try:
+        return await request.app[PROXY].forward(call)
+    finally:
+        ticket.release()
 
 
 def resolve_alias(pools: Pools, body: dict) -> bool:
