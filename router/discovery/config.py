@@ -30,8 +30,10 @@ class KubernetesDiscovery:
     kv_events_replay_port: int | None = None
     role_label: str = LLMD_ROLE_LABEL  # prefill | decode | both; absent: both
     version_label: str = "app.kubernetes.io/version"  # absent: ""
-    # when set, a pod whose label differs from the pool's model (or its label-safe form) is skipped
+    # when set, a pod carrying this label with a value other than the pool's model is skipped; the
+    # value may be the model, its label-safe form (`/` -> `-`, any case) or `model_label_value`
     model_label: str | None = None
+    model_label_value: str | None = None
     # credentials: `auto` is in-cluster when KUBERNETES_SERVICE_HOST is set, else the kubeconfig
     auth: Literal["auto", "in-cluster", "kubeconfig"] = "auto"
     kubeconfig: str | None = None  # None: $KUBECONFIG or ~/.kube/config

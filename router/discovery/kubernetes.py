@@ -88,15 +88,15 @@ def uses_in_cluster(k: KubernetesDiscovery) -> bool:
 
 
 def check_credentials(k: KubernetesDiscovery, where: str) -> None:
-    """Fail at startup (ValueError naming the key) when the credentials to use are not there at all."""
-    if uses_in_cluster(k):
+    """Fail at startup (ValueError naming the key) when credentials the config names are not there: a
+    `kubeconfig` file, or the service account of `auth: in-cluster`. (With `auto` and no kubeconfig
+    named, loading them is part of connecting: retried, and logged, like any API trouble.)"""
+    if k.auth == "in-cluster":
         token = os.path.join(SERVICE_ACCOUNT, "token")
         if not os.path.exists(token):
             raise ValueError(f"{where}.auth: in-cluster, but {token} does not exist (not in a pod?)")
-        return
-    path = os.path.expanduser(k.kubeconfig or os.environ.get("KUBECONFIG", "~/.kube/config"))
-    if not os.path.exists(path):
-        raise ValueError(f"{where}.kubeconfig: {path} does not exist")
+    elif k.kubeconfig is not None and not os.path.exists(os.path.expanduser(k.kubeconfig)):
+        raise ValueError(f"{where}.kubeconfig: {os.path.expanduser(k.kubeconfig)} does not exist")
 
 
 class KubePodSource:
@@ -105,30 +105,35 @@ class KubePodSource:
     Responses are read raw (`_preload_content=False`) and decoded with orjson: the watcher works on the
     API's JSON, and a watch line is split by this class, so no object is too long for a readline."""
 
-    def __init__(self, k: KubernetesDiscovery, api: Any, api_client: Any, namespace: str) -> None:
+    def __init__(self, k: KubernetesDiscovery) -> None:
         self.k = k
-        self.namespace = namespace
-        self._api = api
-        self._api_client = api_client
+        self.namespace = ""  # resolved by connect()
+        self._api: Any = None
+        self._api_client: Any = None
 
-    @classmethod
-    async def connect(cls, k: KubernetesDiscovery) -> KubePodSource:
-        """Load the credentials (in-cluster or kubeconfig) and resolve the namespace."""
+    async def connect(self) -> None:
+        """Load the credentials (in-cluster or kubeconfig) and resolve the namespace, once: the first
+        list does it, and a failure is retried with the next one."""
+        if self._api is not None:
+            return
         from kubernetes_asyncio import client, config
 
+        k = self.k
         conf = client.Configuration()
         if uses_in_cluster(k):
             config.load_incluster_config(client_configuration=conf)
             namespace = k.namespace or _read(os.path.join(SERVICE_ACCOUNT, "namespace")) or "default"
         else:
-            await config.load_kube_config(
-                config_file=k.kubeconfig, context=k.context, client_configuration=conf
-            )
-            namespace = k.namespace or _context_namespace(config, k) or "default"
-        api_client = client.ApiClient(configuration=conf)
-        return cls(k, client.CoreV1Api(api_client), api_client, namespace)
+            # read $KUBECONFIG now (the client reads it once, at import)
+            path = k.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+            await config.load_kube_config(config_file=path, context=k.context, client_configuration=conf)
+            namespace = k.namespace or _context_namespace(config, path, k.context) or "default"
+        self._api_client = client.ApiClient(configuration=conf)
+        self._api = client.CoreV1Api(self._api_client)
+        self.namespace = namespace
 
     async def list(self) -> PodList:
+        await self.connect()
         resp = await self._api.list_namespaced_pod(
             self.namespace,
             label_selector=self.k.label_selector,
@@ -179,7 +184,8 @@ class KubePodSource:
             resp.close()
 
     async def close(self) -> None:
-        await self._api_client.close()
+        if self._api_client is not None:
+            await self._api_client.close()
 
 
 def _read(path: str) -> str | None:
@@ -190,9 +196,9 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _context_namespace(config: Any, k: KubernetesDiscovery) -> str | None:
-    contexts, active = config.list_kube_config_contexts(config_file=k.kubeconfig)
-    chosen = next((c for c in contexts if c.get("name") == k.context), None) if k.context else active
+def _context_namespace(config: Any, path: str, context: str | None) -> str | None:
+    contexts, active = config.list_kube_config_contexts(config_file=path)
+    chosen = next((c for c in contexts if c.get("name") == context), None) if context else active
     return ((chosen or {}).get("context") or {}).get("namespace")
 
 
@@ -388,7 +394,7 @@ async def watch_pools(
     pools: Sequence[WatchedPool],
     metrics: DiscoveryMetrics,
     *,
-    connect: Callable[[KubernetesDiscovery], Awaitable[PodSource]] = KubePodSource.connect,
+    source: Callable[[KubernetesDiscovery], PodSource] = KubePodSource,
 ) -> AsyncIterator[list[PodWatcher]]:
     """A watcher per pool in the background while the block runs; on entry, each pool's first list is
     waited for up to its `initial_sync_timeout_s` (an API server that does not answer by then leaves
@@ -398,9 +404,8 @@ async def watch_pools(
     watchers: list[PodWatcher] = []
     try:
         for pool in pools:
-            source = await connect(pool.settings)
-            sources.append(source)
-            watcher = PodWatcher(pool.model, pool.settings, source, pool.update, metrics)
+            sources.append(source(pool.settings))
+            watcher = PodWatcher(pool.model, pool.settings, sources[-1], pool.update, metrics)
             watchers.append(watcher)
             tasks.append(asyncio.create_task(watcher.run(), name=f"pod watch {pool.model}"))
         for watcher in watchers:

@@ -53,7 +53,7 @@ def skip_reason(pod: Mapping[str, Any], k: KubernetesDiscovery, model: str) -> s
         return f"label {k.role_label}={role!r} is not one of {list(ROLES)}"
     if k.model_label is not None and k.model_label in labels:
         value = labels[k.model_label]
-        if value not in (model, label_safe(model)):
+        if value != model and value.lower() != label_safe(model).lower() and value != k.model_label_value:
             return f"label {k.model_label}={value!r} is another model"
     if http_port(pod, k) is None:
         return f"no container port named {k.port_name!r}"

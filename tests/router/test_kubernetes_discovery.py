@@ -136,11 +136,19 @@ def test_kv_events_and_replay_annotations_reach_the_endpoint() -> None:
 
 @pytest.mark.parametrize(
     ("value", "serves"),
-    [(MODEL, True), ("meta-llama-Llama-3.1-8B-Instruct", True), ("qwen-2.5-7b", False), (None, True)],
+    [
+        (MODEL, True),
+        ("meta-llama-Llama-3.1-8B-Instruct", True),
+        ("meta-llama-llama-3.1-8b-instruct", True),
+        ("llama-8b", True),  # model_label_value
+        ("qwen-2.5-7b", False),
+        (None, True),
+    ],
 )
 def test_a_model_label_must_name_the_pools_model_or_its_label_safe_form(value: str | None,
                                                                         serves: bool) -> None:
-    k = KubernetesDiscovery(label_selector=SELECTOR, model_label="llm-d.ai/model")
+    k = KubernetesDiscovery(label_selector=SELECTOR, model_label="llm-d.ai/model",
+                            model_label_value="llama-8b")
     labels = {"llm-d.ai/model": value} if value is not None else {}
     assert (pod_endpoint(pod(labels=labels), k, MODEL) is not None) is serves
 
@@ -209,9 +217,11 @@ def test_missing_credentials_fail_naming_the_key(tmp_path: Path, monkeypatch: py
     missing = tmp_path / "nope"
     with pytest.raises(ValueError, match=rf"^p\.kubeconfig: {missing} does not exist$"):
         check_credentials(KubernetesDiscovery(label_selector=SELECTOR, kubeconfig=str(missing)), "p")
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # auto: in a pod, but no service account
     with pytest.raises(ValueError, match=r"^p\.auth: in-cluster, but .*/token does not exist"):
-        check_credentials(KubernetesDiscovery(label_selector=SELECTOR), "p")
+        check_credentials(KubernetesDiscovery(label_selector=SELECTOR, auth="in-cluster"), "p")
+    # auto names no file: loading credentials is part of connecting (retried, logged), not a startup check
+    monkeypatch.setenv("KUBECONFIG", str(missing))
+    check_credentials(KubernetesDiscovery(label_selector=SELECTOR), "p")
 
 
 def test_the_fake_api_servers_label_selectors() -> None:
@@ -284,7 +294,7 @@ async def harness(api: FakeKubeApi, tmp_path: Path) -> AsyncIterator[Any]:
                     "watch_timeout_s": 30}  # fmt: skip
         kubeconfig = str(api.write_kubeconfig(tmp_path / "kubeconfig"))
         k = KubernetesDiscovery(label_selector=SELECTOR, kubeconfig=kubeconfig, **{**defaults, **settings})
-        source = await KubePodSource.connect(k)
+        source = KubePodSource(k)
         sources.append(source)
         pool, registry, sleeps = Pool(), CollectorRegistry(), []
 
@@ -323,7 +333,7 @@ async def test_a_wrong_token_is_an_error_that_is_retried_and_changes_nothing(api
     path.write_text(path.read_text().replace("fake-token", "stolen"))
     k = KubernetesDiscovery(label_selector=SELECTOR, kubeconfig=str(path), port_name="http",
                             backoff_initial_s=0.01, backoff_max_s=0.02)  # fmt: skip
-    source = await KubePodSource.connect(k)
+    source = KubePodSource(k)
     pool, registry = Pool(), CollectorRegistry()
     watcher = PodWatcher(MODEL, k, source, pool.update, DiscoveryMetrics(registry))
     task = asyncio.create_task(watcher.run())
@@ -332,6 +342,30 @@ async def test_a_wrong_token_is_an_error_that_is_retried_and_changes_nothing(api
         assert pool.endpoints == [] and not watcher.synced.is_set()
         assert registry.get_sample_value("kvgate_discovery_watch_restarts_total",
                                          {"pool": MODEL, "reason": "error"}) >= 3  # fmt: skip
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await source.close()
+
+
+async def test_credentials_that_appear_later_are_picked_up_by_the_retries(api, tmp_path, monkeypatch) -> None:
+    add(api, 0)
+    later = tmp_path / "later-kubeconfig"
+    monkeypatch.setenv("KUBECONFIG", str(later))  # auth auto, no kubeconfig named: $KUBECONFIG
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    k = KubernetesDiscovery(label_selector=SELECTOR, port_name="http", backoff_initial_s=0.01,
+                            backoff_max_s=0.02)  # fmt: skip
+    source, pool, registry = KubePodSource(k), Pool(), CollectorRegistry()
+    watcher = PodWatcher(MODEL, k, source, pool.update, DiscoveryMetrics(registry))
+    task = asyncio.create_task(watcher.run())
+    try:
+        errors = {"pool": MODEL, "reason": "error"}
+        await eventually(lambda: (registry.get_sample_value("kvgate_discovery_watch_restarts_total", errors)
+                                  or 0) >= 2, within=5, what="failed connects")  # fmt: skip
+        assert api.requests == []
+        api.write_kubeconfig(later)
+        await eventually(lambda: pool.urls() == {url(0)}, within=5, what="the pod once credentials exist")
+        assert source.namespace == "llm"
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
