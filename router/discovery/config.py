@@ -33,7 +33,7 @@ class KubernetesDiscovery:
     # when set, a pod carrying this label with a value other than the pool's model is skipped; the
     # value may be the model, its label-safe form (`/` -> `-`, any case) or `model_label_value`
     model_label: str | None = None
-    model_label_value: str | None = None
+    model_label_value: str | None = None  # the label value naming the pool's model, when not derived
     # credentials: `auto` is in-cluster when KUBERNETES_SERVICE_HOST is set, else the kubeconfig
     auth: Literal["auto", "in-cluster", "kubeconfig"] = "auto"
     kubeconfig: str | None = None  # None: $KUBECONFIG or ~/.kube/config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fake_kube_api import FakeKubeApi, parse_selector
 from helpers import eventually
 from prometheus_client import CollectorRegistry
@@ -199,6 +201,21 @@ def test_a_kubernetes_pool_decodes_without_endpoints() -> None:
 def test_bad_discovery_config_names_the_key(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         config_from_mapping(data)
+
+
+def test_the_example_configs_discovery_block_lists_every_key_at_its_default() -> None:
+    lines = [line.strip() for line in (ROOT / "config" / "kvgate.example.yaml").read_text().splitlines()]
+    start = lines.index(next(line for line in lines if line.startswith("# discovery: kubernetes")))
+    block = [lines[start][2:]]
+    for line in lines[start + 1:]:
+        if not line.startswith(("# kubernetes:", "#   ")):
+            break
+        block.append(line[2:])
+    data = yaml.safe_load("\n".join(block))
+    (spec,) = config_from_mapping({"pools": {MODEL: data}}).pools
+    assert spec.discovery == "kubernetes"
+    assert set(data["kubernetes"]) == {f.name for f in dataclasses.fields(KubernetesDiscovery)}
+    assert spec.kubernetes == KubernetesDiscovery(label_selector=data["kubernetes"]["label_selector"])
 
 
 def test_port_boundaries_1_and_65535_are_valid() -> None:
@@ -589,8 +606,6 @@ sys.meta_path.insert(0, _Blocker)
 
 
 def serve(tmp_path: Path, config: dict[str, Any], block: bool) -> subprocess.CompletedProcess[str]:
-    import yaml
-
     path = tmp_path / "kvgate.yaml"
     path.write_text(yaml.safe_dump({"listen": {"port": 0}, **config}))
     env = dict(os.environ)
