@@ -218,6 +218,31 @@ def test_the_example_configs_discovery_block_lists_every_key_at_its_default() ->
     assert spec.kubernetes == KubernetesDiscovery(label_selector=data["kubernetes"]["label_selector"])
 
 
+def test_the_shipped_discovery_manifest_finds_the_shipped_vllm_pods_with_only_pod_read_rights() -> None:
+    k8s = ROOT / "config" / "k8s"
+    docs = {d["kind"]: d for d in yaml.safe_load_all((k8s / "kvgate-discovery.yaml").read_text())}
+    vllm = next(d for d in yaml.safe_load_all((k8s / "vllm.yaml").read_text()) if d["kind"] == "StatefulSet")
+    cfg = config_from_mapping(yaml.safe_load(docs["ConfigMap"]["data"]["kvgate.yaml"]))
+    (spec,) = cfg.pools
+    assert spec.kubernetes is not None and spec.policy.params["index"] == "precise"
+    template = vllm["spec"]["template"]
+    assert parse_selector(spec.kubernetes.label_selector)(template["metadata"]["labels"])
+    running = {"metadata": {**template["metadata"], "name": "vllm-0", "namespace": "llm", "uid": "u"},
+               "spec": template["spec"],
+               "status": {"phase": "Running", "podIP": "10.0.0.5",
+                          "conditions": [{"type": "Ready", "status": "True"}]}}  # fmt: skip
+    ep = pod_endpoint(running, spec.kubernetes, spec.model)
+    assert ep is not None
+    assert (ep.url, ep.role) == ("http://10.0.0.5:8000", "both")
+    assert (ep.kv_events, ep.kv_events_replay) == ("tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558")
+    read_pods = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    assert docs["Role"]["rules"] == [read_pods]
+    account = docs["ServiceAccount"]["metadata"]["name"]
+    assert docs["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
+    assert docs["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"] == account
+
+
 def test_port_boundaries_1_and_65535_are_valid() -> None:
     for port in (1, 65535):
         validate_kubernetes(KubernetesDiscovery(label_selector=SELECTOR, port=port, kv_events_port=port), "k")
