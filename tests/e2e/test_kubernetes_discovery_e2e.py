@@ -13,6 +13,7 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from gateway.config import GatewayConfig, Health, PolicySpec, PoolSpec, Scrape
 from gateway.state import STATE
 from router.discovery.config import KubernetesDiscovery
 from router.endpoint import Endpoint
+from router.policy import RouteRequest
 
 MODEL = "sim-model"
 FAST: dict[str, Any] = {"model": MODEL, "prefill_tps": 1e6, "itl_ms": 1.0, "itl_ms_per_seq": 0.0}
@@ -43,6 +45,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 def text(seed: int, n: int) -> str:
     rng = random.Random(seed)
     return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def probe(prompt: str) -> RouteRequest:
+    return RouteRequest("probe", MODEL, "/v1/completions", {"model": MODEL, "prompt": prompt}, {})
 
 
 def port_of(url: str) -> int:
@@ -227,6 +233,69 @@ async def test_a_dropped_watch_and_a_410_relist_keep_the_pool_and_its_index_and_
             for group, home in homes.items():  # the index still knows where each prefix lives
                 status, url, cached = await complete(http, gw, text(group, 160) + " " + text(7, 10))
                 assert (status, url) == (200, home) and cached >= 160
+        finally:
+            await gw.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_precise_index_follows_discovered_pods_kv_events_from_their_annotations(
+    api: FakeKubeApi, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    ports = [(free_port(), free_port()) for _ in range(3)]
+    per_pod = [{"kv_events_endpoint": f"tcp://*:{pub}", "kv_events_replay_endpoint": f"tcp://*:{replay}"}
+               for pub, replay in ports]  # each pod binds its own, as vLLM does  # fmt: skip
+    async with SimFleet(3, per_pod=per_pod, **FAST) as fleet:
+        for i, (pod, (pub, replay)) in enumerate(zip(fleet.pods, ports, strict=True)):
+            api.add_pod(f"vllm-{i}", labels={"app": "vllm"}, ports={"http": port_of(pod.url)}, ready=i < 2,
+                        annotations={"kvgate.io/kv-events": f"tcp://*:{pub}",
+                                     "kvgate.io/kv-events-replay": f"tcp://*:{replay}"})  # fmt: skip
+        policy = PolicySpec("cache_aware", {"index": "precise", "pending_blocks": 0, "seed": 7})
+        cfg = GatewayConfig(pools=[pool_spec(api, tmp_path, policy)], health=Health(interval=5.0),
+                            scrape=Scrape(interval=0), seed=7)  # fmt: skip
+        gw = await Gateway(cfg).start()
+        pool = gw.app[STATE].pools.by_model[MODEL]
+        cache = pool.prefix_cache
+        assert cache is not None
+        try:
+            p2 = fleet.urls[2]
+            assert {ep.kv_events for ep in gw.endpoints} == {f"tcp://127.0.0.1:{ports[i][0]}" for i in (0, 1)}
+            prefix = text(3, 160)
+            status, home, _ = await complete(http, gw, prefix)
+            assert status == 200
+            home_ep = next(ep for ep in gw.endpoints if ep.url == home)
+            keys = cache.keys_for(probe(prefix))
+            await eventually(lambda: cache.match(keys, [home_ep]).get(home_ep, 0) > 0, within=10,
+                             what="the home pod's BlockStored events in the index")  # fmt: skip
+            for i in range(3):  # the index alone (pending_blocks 0) sends followers to the home pod
+                status, url, cached = await complete(http, gw, prefix + f" tail{i}")
+                assert (status, url, cached) == (200, home, 160)
+
+            api.set_ready("vllm-2", True)  # a new pod: subscribed once it joins
+            await eventually(lambda: p2 in gw.urls() and any(ep.url == p2 for ep in cache.trackers),
+                             within=5, what="vllm-2 to join and be followed")  # fmt: skip
+            trackers = dict(cache.trackers)
+            api.pause()  # a 410 relist: the pods that stay keep their trackers and indexed blocks
+            api.drop_watches()
+            await eventually(lambda: api.held == 1, within=5, what="the reconnect to wait")
+            api.add_pod("redis-0", labels={"app": "redis"})
+            api.compact()
+            api.resume()
+            await eventually(lambda: len(api.list_requests()) == 2 and api.open_watches == 1, within=5,
+                             what="the relist")  # fmt: skip
+            assert dict(cache.trackers) == trackers
+            assert all(cache.trackers[ep] is t for ep, t in trackers.items())
+            assert cache.match(keys, [home_ep]).get(home_ep, 0) > 0
+
+            api.delete_pod(f"vllm-{fleet.urls.index(home)}")  # the home goes: its blocks leave the index
+            await eventually(lambda: home not in gw.urls(), within=5, what="the home pod to leave")
+            assert home_ep not in cache.trackers and not cache.match(keys, [home_ep]).get(home_ep)
+            status, url, cached = await complete(http, gw, prefix + " after")
+            assert status == 200 and url != home and cached == 0
         finally:
             await gw.stop()
 

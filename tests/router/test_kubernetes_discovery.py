@@ -380,10 +380,11 @@ async def test_a_wrong_token_is_an_error_that_is_retried_and_changes_nothing(api
     watcher = PodWatcher(MODEL, k, source, pool.update, DiscoveryMetrics(registry))
     task = asyncio.create_task(watcher.run())
     try:
-        await eventually(lambda: len(api.requests) >= 3, within=5, what="the list to be retried")
+        errors = {"pool": MODEL, "reason": "error"}
+        await eventually(lambda: (registry.get_sample_value("kvgate_discovery_watch_restarts_total", errors)
+                                  or 0) >= 3, within=5, what="the list to be retried")  # fmt: skip
         assert pool.endpoints == [] and not watcher.synced.is_set()
-        assert registry.get_sample_value("kvgate_discovery_watch_restarts_total",
-                                         {"pool": MODEL, "reason": "error"}) >= 3  # fmt: skip
+        assert all(r.query.get("watch") is None for r in api.requests)  # no watch without a list
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
