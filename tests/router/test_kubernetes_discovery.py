@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import config_from_mapping
 from router.discovery.config import KubernetesDiscovery, validate_kubernetes
-from router.discovery.kubernetes import KubePodSource, PodWatcher, check_credentials
+from router.discovery.kubernetes import KubePodSource, PodWatcher, WatchedPool, check_credentials, watch_pools
 from router.discovery.metrics import DiscoveryMetrics
 from router.discovery.pods import label_safe, pod_endpoint, skip_reason, zmq_endpoint
 from router.endpoint import Endpoint
@@ -413,6 +413,27 @@ async def test_credentials_that_appear_later_are_picked_up_by_the_retries(api, t
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await source.close()
+
+
+async def test_startup_waits_for_the_first_list_only_up_to_its_timeout(api, tmp_path) -> None:
+    add(api, 0)
+    k = KubernetesDiscovery(label_selector=SELECTOR, port_name="http", initial_sync_timeout_s=0.3,
+                            kubeconfig=str(api.write_kubeconfig(tmp_path / "kc")))  # fmt: skip
+    pools = [Pool(), Pool()]
+    patient = dataclasses.replace(k, initial_sync_timeout_s=10)
+    watched = [WatchedPool(MODEL, patient, pools[0].update), WatchedPool("other", k, pools[1].update)]
+    registry = CollectorRegistry()
+    async with watch_pools(watched[:1], DiscoveryMetrics(registry)):  # an API server that answers
+        assert pools[0].urls() == {url(0)}  # listed before the block runs
+    assert api.open_watches == 0  # the watch ended with the block
+    api.pause()  # one that does not answer: startup goes on after initial_sync_timeout_s
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with watch_pools(watched[1:], DiscoveryMetrics(CollectorRegistry())) as (watcher,):
+        assert 0.3 <= loop.time() - started < 2.0
+        assert pools[1].endpoints == [] and not watcher.synced.is_set()
+        api.resume()
+        await eventually(lambda: pools[1].urls() == {url(0)}, within=5, what="the pool to fill later")
 
 
 async def test_the_first_list_adds_the_serving_pods_only(api: FakeKubeApi, harness) -> None:
