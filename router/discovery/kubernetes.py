@@ -63,14 +63,23 @@ class PodList:
     resource_version: str
 
 
+class EventStream(Protocol):
+    """An open watch: the raw events (`{"type", "object"}`) until the server ends it (iterating raises
+    ApiError or the transport's errors when it breaks); `aclose` lets go of the connection."""
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def aclose(self) -> None: ...
+
+
 class PodSource(Protocol):
     """Lists and watches one pool's pods (KubePodSource; tests may pass another)."""
 
     async def list(self) -> PodList: ...
 
-    def watch(self, resource_version: str, timeout_s: int) -> AsyncIterator[dict[str, Any]]:
-        """The raw watch events (`{"type", "object"}`) until the server ends the watch; raises Gone,
-        ApiError or the transport's errors."""
+    async def watch(self, resource_version: str, timeout_s: int) -> EventStream:
+        """Open a watch from `resource_version`; raises Gone, ApiError or the transport's errors when
+        the API server does not accept it."""
         ...
 
     async def close(self) -> None: ...
@@ -150,7 +159,7 @@ class KubePodSource:
         rv = (data.get("metadata") or {}).get("resourceVersion", "")
         return PodList(list(data.get("items") or ()), str(rv))
 
-    async def watch(self, resource_version: str, timeout_s: int) -> AsyncIterator[dict[str, Any]]:
+    async def watch(self, resource_version: str, timeout_s: int) -> EventStream:
         # the server ends the watch after timeout_s: one still open request_timeout_s later is dead (a
         # total timeout: every client version takes a number, and a watch cannot outlive it anyway)
         timeout = timeout_s + self.k.request_timeout_s
@@ -164,28 +173,40 @@ class KubePodSource:
             _preload_content=False,
             _request_timeout=timeout,
         )
-        try:
-            if resp.status != 200:
+        if resp.status != 200:
+            try:
                 raise _status_error(resp.status, await resp.read())
-            buf = bytearray()
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                while (end := buf.find(b"\n")) >= 0:
-                    line = bytes(buf[:end])
-                    del buf[: end + 1]
-                    if line.strip():
-                        yield _event(line)
-                if len(buf) > MAX_LINE_BYTES:
-                    raise ApiError(f"a watch line longer than {MAX_LINE_BYTES} bytes")
-            if buf.strip():
-                yield _event(bytes(buf))
-        finally:
-            resp.release()
-            resp.close()
+            finally:
+                resp.release()
+        return _WatchStream(resp)
 
     async def close(self) -> None:
         if self._api_client is not None:
             await self._api_client.close()
+
+
+class _WatchStream:
+    """A watch response read as JSON lines, split here (no readline limit on an object's size)."""
+
+    def __init__(self, resp: Any) -> None:
+        self._resp = resp
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        buf = bytearray()
+        async for chunk in self._resp.content.iter_any():
+            buf += chunk
+            while (end := buf.find(b"\n")) >= 0:
+                line = bytes(buf[:end])
+                del buf[: end + 1]
+                if line.strip():
+                    yield _event(line)
+            if len(buf) > MAX_LINE_BYTES:
+                raise ApiError(f"a watch line longer than {MAX_LINE_BYTES} bytes")
+        if buf.strip():
+            yield _event(bytes(buf))
+
+    async def aclose(self) -> None:
+        self._resp.close()  # a watch not read to its end: the connection cannot be reused
 
 
 def _read(path: str) -> str | None:
@@ -246,7 +267,8 @@ class PodWatcher:
         self.resource_version: str | None = None
         self.synced = asyncio.Event()  # set by the first successful list
         self._known: dict[str, tuple[PodEndpoint, Endpoint]] = {}  # pod uid -> what it serves
-        self._failures = 0
+        self._failures = 0  # consecutive failed requests
+        self._gone = 0  # consecutive 410s with no event in between
         metrics.init_pool(model)
 
     @property
@@ -265,12 +287,15 @@ class PodWatcher:
                 log.info("pool %s: pod watch: 410 Gone (%s): listing again", self.model, exc)
                 self.resource_version = None
                 self._restart("relist")
+                self._gone += 1
+                if self._gone > 1:  # 410 again, with no event since the last list: do not spin
+                    await self.sleep(self._backoff(self._gone - 1))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the API server or the network: keep what we have, retry
                 self.metrics.connected.labels(self.model).set(0)
                 self._failures += 1
-                delay = self._backoff()
+                delay = self._backoff(self._failures)
                 log.warning("pool %s: pod %s failed (%s: %s); retrying in %.1f s", self.model,
                             "list" if self.resource_version is None else "watch", type(exc).__name__,
                             exc, delay)
@@ -296,15 +321,15 @@ class PodWatcher:
         """One watch from the current resourceVersion, applying its events, until it ends."""
         assert self.resource_version is not None
         timeout = max(1, int(self.k.watch_timeout_s * (1.0 + self.rng.random())))
-        events = self.source.watch(self.resource_version, timeout)
+        events = await self.source.watch(self.resource_version, timeout)
+        self._failures = 0
+        self.metrics.connected.labels(self.model).set(1)
         try:
-            self.metrics.connected.labels(self.model).set(1)
             async for event in events:
-                self._failures = 0
                 self.on_event(event)
         finally:
             self.metrics.connected.labels(self.model).set(0)
-            await _aclose(events)
+            await events.aclose()
 
     def on_event(self, event: Mapping[str, Any]) -> None:
         """Apply one watch event; advance the resourceVersion. An ERROR event raises (Gone for 410)."""
@@ -317,6 +342,7 @@ class PodWatcher:
                 raise Gone(message)
             raise ApiError(f"watch ERROR event {code}: {message}")
         rv = (obj.get("metadata") or {}).get("resourceVersion")
+        self._gone = 0
         if kind in ("ADDED", "MODIFIED", "DELETED"):
             self._pod_changed(obj, deleted=kind == "DELETED")
         elif kind != "BOOKMARK":
@@ -368,18 +394,11 @@ class PodWatcher:
     def _restart(self, reason: str) -> None:
         self.metrics.restarts.labels(self.model, reason).inc()
 
-    def _backoff(self) -> float:
-        """Full-jitter exponential backoff: in [d/2, d] with d = initial x 2^(failures-1), capped."""
+    def _backoff(self, failures: int) -> float:
+        """Jittered exponential backoff: in [d/2, d] with d = initial x 2^(failures-1), capped."""
         k = self.k
-        d = min(k.backoff_max_s, k.backoff_initial_s * 2 ** min(self._failures - 1, 30))
+        d = min(k.backoff_max_s, k.backoff_initial_s * 2 ** min(failures - 1, 30))
         return d * (0.5 + 0.5 * self.rng.random())
-
-
-async def _aclose(events: AsyncIterator[Any]) -> None:
-    aclose = getattr(events, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
 
 
 @dataclass(slots=True)

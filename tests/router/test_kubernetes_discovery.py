@@ -607,6 +607,37 @@ async def test_api_errors_back_off_doubling_and_never_empty_the_pool(api, harnes
     assert 0.005 <= h.sleeps[-1] <= 0.01
 
 
+async def test_an_api_server_answering_410_to_every_watch_is_relisted_with_backoff(api, harness) -> None:
+    add(api, 0)
+    h = await harness(backoff_initial_s=0.01, backoff_max_s=0.04)
+    await watching(h)
+    held = list(h.pool.endpoints)
+    api.oldest_rv = api.rv + 1_000_000  # every watch from now on: 410 Gone
+    api.end_watches()
+    await eventually(lambda: len(h.sleeps) >= 4, within=10, what="backoffs between relists")
+    assert h.sleeps[0] <= 0.01 and h.sleeps[2] >= 0.02  # the first relist is immediate, then doubling
+    assert len(api.list_requests()) >= 5 and h.pool.endpoints == held
+    assert h.metric("kvgate_discovery_watch_restarts_total", reason="relist") >= 5
+    api.oldest_rv = 0
+    await eventually(lambda: api.open_watches == 1, within=5, what="a watch accepted again")
+    n = len(h.sleeps)
+    add(api, 1)
+    await eventually(lambda: url(1) in h.pool.urls(), within=5, what="events again")
+    assert len(h.sleeps) == n
+
+
+async def test_the_connected_gauge_follows_the_watch(api, harness) -> None:
+    h = await harness()
+    await watching(h)
+    await eventually(lambda: h.metric("kvgate_discovery_watch_connected") == 1, within=5, what="connected")
+    api.pause()
+    api.drop_watches()
+    await eventually(lambda: api.held == 1, within=5, what="the reconnect to wait")
+    assert h.metric("kvgate_discovery_watch_connected") == 0
+    api.resume()
+    await eventually(lambda: h.metric("kvgate_discovery_watch_connected") == 1, within=5, what="reconnected")
+
+
 async def test_a_watch_ending_at_its_timeout_is_resumed_with_a_jittered_timeout(api, harness) -> None:
     add(api, 0)
     h = await harness(watch_timeout_s=1)
