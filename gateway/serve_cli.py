@@ -122,7 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
         metavar="ENDPOINT")
     add(quick, "--adapter", "a LoRA adapter the backends serve on top of --model; repeat (more are "
         "learned from their /v1/models)", repeat=True, metavar="NAME")
-    add(quick, "--tokenizer", "HuggingFace tokenizer dir for cache-aware routing",
+    add(quick, "--tokenizer", "the model's tokenizer for cache-aware routing: a local dir (tokenizer.json, "
+        "chat template) or a HuggingFace repo id already in the local HF cache (org/name[@rev]; offline)",
         shown="a built-in word tokenizer")
     add(quick, "--block-size", "tokens per KV block for cache-aware routing", type=int,
         shown=f"what the pods report, else {DEFAULT_BLOCK_SIZE}")

@@ -27,6 +27,11 @@ class IndexMetrics:
             "kvgate_cache_aware_decisions", "Cache-aware routing decisions by reason",
             ["model", "reason"], registry=r,
         )
+        self.unkeyed = Counter(
+            "kvgate_prefix_unkeyed_requests",
+            "Requests routed without prefix keys, by reason: prompt (none usable) or chat_template "
+            "(a chat the gateway cannot render as the pod would)", ["model", "reason"], registry=r,
+        )
         self.index_blocks = Gauge(
             "kvgate_prefix_index_blocks", "Distinct blocks in the prefix index", ["model"], registry=r
         )

@@ -3,8 +3,10 @@
 Completions: `prompt` as text (tokenized with special tokens, as vLLM does), as token ids (used as
 they are), or a batch of either (the first prompt routes the request). A batch of batches is not a
 prompt vLLM accepts: extraction follows the first prompt without recursion and refuses one at once,
-however deep (`check_prompt_nesting` checks just that, in a few steps). Chat: `messages` rendered with
-the model's chat template and tokenized without special tokens, as vLLM does. `cache_salt` and the
+however deep (`check_prompt_nesting` checks just that, in a few steps). Chat: the request (`messages`,
+`tools`, `chat_template_kwargs`, `add_generation_prompt`/`continue_final_message`, ...) rendered with the
+model's chat template as vLLM renders it and tokenized without special tokens unless the request sets
+`add_special_tokens`, as vLLM does. `cache_salt` and the
 LoRA adapter (the request's `model` when it names an adapter rather than the pool's base model) go
 into the root so that tenants and adapters never share keys.
 """
@@ -23,7 +25,15 @@ MAX_BATCH_DEPTH = 1
 
 
 class PromptError(ValueError):
-    """The request carries no prompt the index can name (missing or malformed prompt/messages)."""
+    """The request carries no prompt the index can name (missing or malformed prompt/messages).
+
+    `reason` says why, for the metric of requests routed without keys: "prompt" (no usable prompt) or
+    "chat_template" (a chat the gateway cannot render as the pod would: see prefixindex/chat_template.py).
+    """
+
+    def __init__(self, message: str, reason: str = "prompt") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +54,10 @@ def prompt_tokens(body: Mapping[str, Any], path: str, tokenizer: Tokenizer) -> l
             raise PromptError("'messages' must be a non-empty list")
         if not all(isinstance(m, Mapping) for m in messages):
             raise PromptError("each message must be an object")
-        add_generation_prompt = body.get("add_generation_prompt", True) is not False
         try:
-            return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+            return tokenizer.encode_chat_request(body)
         except (TypeError, ValueError) as exc:
-            raise PromptError(f"cannot render messages: {exc}") from exc
+            raise PromptError(f"cannot render messages: {exc}", reason="chat_template") from exc
     return _completion_tokens(body.get("prompt"), tokenizer)
 
 

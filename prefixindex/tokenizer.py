@@ -1,8 +1,9 @@
 """Tokenizers: the model's view of a prompt, shared by the gateway and the simulated engine.
 
 A real deployment loads the same `tokenizer.json` in the engine and in the gateway, so both see the
-same token ids. kvgate does the same: `HFTokenizer` loads a HuggingFace tokenizer directory (chat
-template from `tokenizer_config.json`, rendered as vLLM renders it), and `WordTokenizer` is the fast
+same token ids. kvgate does the same: `HFTokenizer` loads a HuggingFace tokenizer directory or a repo
+id from the local HF cache (prefixindex/hf_cache.py), with its chat template rendered as vLLM renders
+it (prefixindex/chat_template.py), and `WordTokenizer` is the fast
 deterministic default that needs no files, used by the simulator and the gateway alike so that the
 embedded demo aligns. Block hashing, the index and KV-event decoding are *not* shared with the
 simulator: only the tokenizer, which is the model's property, is.
@@ -10,6 +11,7 @@ simulator: only the tokenizer, which is the model's property, is.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +19,9 @@ from typing import Any, Protocol
 
 import orjson
 import xxhash
+
+from prefixindex.chat_template import ChatRenderError, ChatTemplate, find_chat_template, special_tokens
+from prefixindex.hf_cache import resolve_tokenizer
 
 Message = Mapping[str, Any]
 
@@ -41,6 +46,10 @@ class Tokenizer(Protocol):
 
     def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a chat request (vLLM tokenizes rendered chats without adding special tokens)."""
+        ...
+
+    def encode_chat_request(self, body: Mapping[str, Any]) -> list[int]:
+        """Token ids of a chat-completions request body (messages, tools, template kwargs...)."""
         ...
 
 
@@ -100,9 +109,20 @@ class WordTokenizer:
     def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
+    def encode_chat_request(self, body: Mapping[str, Any]) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+            raise ValueError("'messages' must be a list of objects")
+        return self.encode_chat(messages, body.get("add_generation_prompt", True) is not False)
+
 
 class HFTokenizer:
-    """A HuggingFace tokenizer directory (or `tokenizer.json`) with its chat template, as vLLM uses it."""
+    """A HuggingFace tokenizer directory (or its `tokenizer.json`) with its chat template, as vLLM uses it.
+
+    The template is found and compiled once (prefixindex/chat_template.py renders requests as vLLM
+    does); `encode_chat_request` renders a chat-completions body and tokenizes it without special
+    tokens unless the body asks for them (`add_special_tokens`, vLLM's default false for chat).
+    """
 
     def __init__(self, path: str) -> None:
         from tokenizers import Tokenizer as _HF
@@ -117,13 +137,8 @@ class HFTokenizer:
         if os.path.exists(config_path):
             with open(config_path, "rb") as f:
                 config = orjson.loads(f.read())
-        self._special = {
-            k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-        }
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self._template = _compile_template(template) if template else None
+        source = find_chat_template(directory, config)
+        self.chat_template = ChatTemplate(source, special_tokens(directory, config)) if source else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -131,40 +146,35 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
 
+    def _template(self) -> ChatTemplate:
+        if self.chat_template is None:
+            raise ChatRenderError(f"the tokenizer {self.name} has no chat template")
+        return self.chat_template
+
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        if self._template is None:
-            raise ValueError("this tokenizer has no chat template")
-        msgs = [{**m, "content": message_text(m.get("content"))} for m in messages]
-        return self._template.render(
-            messages=msgs, add_generation_prompt=add_generation_prompt, **self._special
-        )
+        body = {"messages": list(messages), "add_generation_prompt": add_generation_prompt}
+        return self._template().render_request(body)
 
     def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
-
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
-
-
-def _compile_template(source: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(message)
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+    def encode_chat_request(self, body: Mapping[str, Any]) -> list[int]:
+        add_special = body.get("add_special_tokens", False) is True
+        return self.encode(self._template().render_request(body), add_special_tokens=add_special)
 
 
 def load_tokenizer(path: str | None = None, vocab_size: int = 32000) -> Tokenizer:
-    """The HuggingFace tokenizer at `path`, or the default `WordTokenizer` when `path` is empty."""
+    """The tokenizer `path` names, or the default `WordTokenizer` when it is empty.
+
+    `path` is a local tokenizer directory (or `tokenizer.json`), or a HuggingFace repo id (`org/name`,
+    optionally `@revision`) already in the local HF cache (resolved offline: `resolve_tokenizer`).
+    A tokenizer is loaded once per resolved path and shared (it holds no per-request state).
+    """
     if path:
-        return HFTokenizer(path)
+        return _load_hf(resolve_tokenizer(path))
     return WordTokenizer(vocab_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_hf(path: str) -> HFTokenizer:
+    return HFTokenizer(path)

@@ -156,8 +156,10 @@ class PrefixCache:
             state.prompt_read = True
             try:
                 state.prompt = extract_prompt(request.body, request.path, self.tokenizer, self.model)
-            except (PromptError, TypeError, ValueError):
+            except (PromptError, TypeError, ValueError) as exc:
                 state.prompt = None
+                if self._metrics is not None:
+                    self._metrics.unkeyed.labels(self.model, getattr(exc, "reason", "prompt")).inc()
         self._ensure_keys(state)
 
     def keys_for(self, request: RouteRequest) -> list[int]:
