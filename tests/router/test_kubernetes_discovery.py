@@ -243,6 +243,15 @@ def test_the_shipped_discovery_manifest_finds_the_shipped_vllm_pods_with_only_po
     assert docs["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"] == account
 
 
+def test_the_readmes_discovery_example_decodes() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Kubernetes discovery"):]
+    snippet = section[section.index("```yaml") + 7: section.index("```", section.index("```yaml") + 7)]
+    (spec,) = config_from_mapping(yaml.safe_load(snippet)).pools
+    assert spec.discovery == "kubernetes" and spec.kubernetes is not None
+    assert spec.kubernetes.port_name == "http" and spec.kubernetes.kv_events_port == 5557
+
+
 def test_port_boundaries_1_and_65535_are_valid() -> None:
     for port in (1, 65535):
         validate_kubernetes(KubernetesDiscovery(label_selector=SELECTOR, port=port, kv_events_port=port), "k")
