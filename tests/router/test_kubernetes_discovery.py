@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fake_kube_api import FakeKubeApi, parse_selector
+from fake_kube_api import FakeKubeApi, parse_selector, self_signed_tls
 from helpers import eventually
 from prometheus_client import CollectorRegistry
 
@@ -376,6 +376,36 @@ async def test_the_kubeconfigs_context_gives_namespace_and_token(api: FakeKubeAp
     assert h.watcher.source.namespace == "llm"
     assert h.pool.endpoints == []  # the pod in namespace "other" is not the pool's
     assert api.requests[0].namespace == "llm" and api.requests[0].query["labelSelector"] == SELECTOR
+
+
+async def test_in_cluster_auth_uses_the_service_account_over_tls(tmp_path: Path, monkeypatch) -> None:
+    from kubernetes_asyncio.config import incluster_config
+
+    from router.discovery import kubernetes
+
+    tls, ca = self_signed_tls(tmp_path)
+    server = await FakeKubeApi(token="sa-token", namespace="serving", tls=tls).start()
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("sa-token")
+    (account / "namespace").write_text("serving\n")
+    (account / "ca.crt").write_bytes(ca.read_bytes())
+    monkeypatch.setattr(kubernetes, "SERVICE_ACCOUNT", str(account))
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(account / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(account / "ca.crt"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
+    server.add_pod("vllm-0", labels={"app": "vllm"}, ports={"http": 8000})
+    k = KubernetesDiscovery(label_selector=SELECTOR, port_name="http")  # auth auto: in a pod
+    check_credentials(k, "p")
+    source = KubePodSource(k)
+    try:
+        pods = await source.list()
+        assert source.namespace == "serving" and [p["metadata"]["name"] for p in pods.items] == ["vllm-0"]
+        assert server.requests[0].namespace == "serving"
+    finally:
+        await source.close()
+        await server.stop()
 
 
 async def test_a_wrong_token_is_an_error_that_is_retried_and_changes_nothing(api, tmp_path) -> None:

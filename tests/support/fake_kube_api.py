@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import re
+import ssl
+import subprocess
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,8 +120,10 @@ class _Watch:
 
 
 class FakeKubeApi:
-    def __init__(self, token: str | None = "fake-token", namespace: str = "default") -> None:
+    def __init__(self, token: str | None = "fake-token", namespace: str = "default",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.token = token
+        self.tls = tls  # serve HTTPS (as the in-cluster API server does), e.g. self_signed_tls()
         self.namespace = namespace  # of the pods the helpers below make and change, unless told
         self.rv = 1000
         self.pods: dict[tuple[str, str], Pod] = {}
@@ -141,8 +145,9 @@ class FakeKubeApi:
         app.router.add_get("/api/v1/namespaces/{namespace}/pods", self._pods)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, handler_cancellation=True)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls).start()
+        self.port = int(self._runner.addresses[0][1])
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         return self
 
     async def stop(self) -> None:
@@ -392,6 +397,20 @@ class FakeKubeApi:
             kind = None
         if kind is not None:
             await _line(resp, {"type": kind, "object": change.new})
+
+
+def self_signed_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context for 127.0.0.1 with a fresh self-signed certificate (openssl), and the
+    certificate's path: the CA a client must trust (the in-cluster ca.crt)."""
+    cert, key = directory / "ca.crt", directory / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context, cert
 
 
 def go_bool(value: str | None) -> bool:
