@@ -12,7 +12,12 @@ the CLI's one-line hint). The protocol is the reflector's of client-go:
    listed again). A failed request waits a backoff (doubling, jittered, up to `backoff_max_s`) first.
 4. 410 Gone (that resourceVersion is older than the API server keeps) lists again and diffs the list
    against the endpoints the watcher holds (`relist`): a pod present before and after keeps its
-   Endpoint object, so its prefix-index state and load accounting survive.
+   Endpoint object, so its prefix-index state and load accounting survive. 410s again and again,
+   with no event between them, back off like errors.
+
+A pod is known by its uid: one deleted and created again under the same name (a StatefulSet's) is a
+new endpoint, as its vLLM starts with an empty cache; an IP:port taken over by a new pod replaces
+the stale endpoint holding it.
 
 An API server that is slow, down or answering errors changes nothing: the pool keeps every endpoint
 it had until the API server says a pod went away. Changes go to the pool through `update(added,
@@ -42,7 +47,7 @@ log = logging.getLogger("kvgate.discovery")
 
 CLIENT_MODULE = "kubernetes_asyncio"
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
-# Pods a list or watch line can hold: the API server's own limit on one object is etcd's (1.5 MiB).
+# The longest watch line accepted: one object is at most etcd's request limit (1.5 MiB) on the API server.
 MAX_LINE_BYTES = 4 << 20
 
 EndpointUpdate = Callable[[Sequence[Endpoint], Sequence[Endpoint]], None]
