@@ -8,6 +8,7 @@ chunk (`stream_options.include_usage`), falling back to counting text chunks.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import orjson
 from bench.workloads.base import BenchRequest
 
 ENDPOINT_HEADER = "x-kvgate-endpoint"
+QUEUE_WAIT_HEADER = "x-kvgate-queue-wait"  # seconds a request waited in kvgate's admission queue
 
 
 @dataclass(slots=True)
@@ -36,6 +38,7 @@ class RequestResult:
     status: int = 0
     error: str | None = None
     endpoint: str | None = None
+    queue_wait: float | None = None  # from QUEUE_WAIT_HEADER, when the gateway queued the request
 
     @property
     def ok(self) -> bool:
@@ -72,10 +75,11 @@ def _error_message(status: int, body: bytes) -> str:
 
 async def send(
     http: aiohttp.ClientSession, base_url: str, model: str, req: BenchRequest, result: RequestResult,
-    t0: float, request_timeout_s: float = 300.0,
+    t0: float, request_timeout_s: float = 300.0, headers: Mapping[str, str] | None = None,
 ) -> RequestResult:
-    """Send `req` to `base_url`, streaming, filling `result` (offsets relative to `t0`). Never raises
-    for HTTP or network failures: they end up in `result.error`."""
+    """Send `req` to `base_url`, streaming, filling `result` (offsets relative to `t0`), with `headers`
+    added (e.g. x-kvgate-tenant). Never raises for HTTP or network failures: they end up in
+    `result.error`."""
     start = time.perf_counter()
     result.started = start - t0
     last: float | None = None
@@ -84,11 +88,13 @@ async def send(
     try:
         async with http.post(
             base_url + req.path, data=orjson.dumps(req.body(model)),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **(headers or {})},
             timeout=aiohttp.ClientTimeout(total=request_timeout_s),
         ) as resp:
             result.status = resp.status
             result.endpoint = resp.headers.get(ENDPOINT_HEADER)
+            if (waited := resp.headers.get(QUEUE_WAIT_HEADER)) is not None:
+                result.queue_wait = float(waited)
             if resp.status != 200:
                 result.error = _error_message(resp.status, await resp.read())
                 return result

@@ -14,6 +14,7 @@ Per request, in `admit(call)` (before anything is sent to a pod):
                 recheck of load signals); 503 when its deadline comes first (config, or the
                 x-kvgate-queue-timeout header, lower only); a client leaving is removed at once
 
+A request that waited says how long in its answer's `x-kvgate-queue-wait` header (seconds).
 `admit` returns a Ticket; the caller releases it when the request is over, which frees the slot and
 dispatches the next queued request. On SIGTERM (`start_drain`) new requests get 503, queued ones keep
 being dispatched as slots free, and those still waiting after the drain time get 503: every request
@@ -48,6 +49,7 @@ from prefixindex.tokenizer import Tokenizer, load_tokenizer
 log = logging.getLogger("kvgate.admission")
 
 QUEUE_TIMEOUT_HEADER = "x-kvgate-queue-timeout"
+QUEUE_WAIT_HEADER = "x-kvgate-queue-wait"  # on the answer to a request that waited: seconds, ms precision
 _RATE_EWMA = 0.2
 Clock = Callable[[], float]
 
@@ -96,6 +98,7 @@ class Ticket:
 
     controller: AdmissionController
     lane: Lane
+    waited: float = 0.0  # seconds in the queue
     released: bool = False
 
     def release(self) -> None:
@@ -168,7 +171,7 @@ class AdmissionController:
         self._wake.set()
         self.pump(lane)
         try:
-            return await entry.waiter
+            ticket: Ticket = await entry.waiter
         except asyncio.CancelledError:
             if queue.remove(entry):
                 self.metrics.rejected(tenant.name, "disconnected").inc()
@@ -177,6 +180,8 @@ class AdmissionController:
             raise
         finally:
             timer.cancel()
+        call.extra_headers[QUEUE_WAIT_HEADER] = f"{ticket.waited:.3f}"
+        return ticket
 
     def estimate(self, call: ProxyCall, lane: Lane, tenant: Tenant, model: str) -> Estimate:
         """The request's prompt, uncached and output tokens. With a prefix cache the prompt is read
@@ -270,7 +275,7 @@ class AdmissionController:
         m.admitted(tenant, path).inc()
         m.wait(tenant, str(priority)).observe(waited)
         m.dispatched_cost(tenant).inc(cost)
-        return Ticket(self, lane)
+        return Ticket(self, lane, waited)
 
     def _expire(self, lane: Lane) -> None:
         now = self.clock()

@@ -7,7 +7,8 @@ scrape reported KV usage at or above `max_kv_usage`, or while cache_aware predic
 `max_predicted_ttft_s` (when set). Its free slots are those minus the requests this gateway has in
 flight there (`Endpoint.in_flight`, exact). The pool's free slots are the sum over its healthy pods
 (all of them in panic mode) minus the requests admitted but not yet sent (charged to no pod yet).
-The pool is saturated when that is 0 or less. Reads snapshots only: no I/O.
+The pool is saturated when that is 0 or less; a pool without pods never is (its requests get their
+503 at once instead of waiting). Reads snapshots only: no I/O.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Saturation:
         """Requests the pool can take now, given `admitted` requests this gateway let through that
         have not finished."""
         eligible = [ep for ep in pool.endpoints if ep.role != "prefill"]
+        if not eligible:
+            return 1  # nothing to wait for: the proxy answers 503 (no endpoint) at once
         serving = [ep for ep in eligible if ep.healthy] or eligible
         free = 0
         charged = 0

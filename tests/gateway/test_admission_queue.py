@@ -7,7 +7,11 @@ import pytest
 
 from gateway.admission.fair_queue import Entry, FairQueue
 from gateway.admission.rate_limit import RateLimit
-from gateway.config import config_from_mapping
+from gateway.admission.saturation import Saturation
+from gateway.config import GatewayConfig, config_from_mapping
+from gateway.pools import Pool
+from router.endpoint import Endpoint
+from router.policies.least_request import LeastRequestPolicy
 
 INF = float("inf")
 
@@ -165,7 +169,7 @@ def test_token_rate_limit_counts_tokens_and_takes_nothing_when_refused() -> None
     assert big.take(5000, 0.0) is None  # larger than a minute's allowance: passes on a full bucket
 
 
-def config(admission: dict) -> object:
+def config(admission: dict) -> GatewayConfig:
     return config_from_mapping(
         {"pools": {"m": {"endpoints": [{"url": "http://127.0.0.1:1"}]}}, "admission": admission}
     )
@@ -196,3 +200,52 @@ def test_bad_admission_config_is_refused_naming_the_key(admission, message) -> N
 def test_no_admission_section_means_none() -> None:
     cfg = config_from_mapping({"pools": {"m": {"endpoints": [{"url": "http://127.0.0.1:1"}]}}})
     assert cfg.admission is None
+
+
+def saturation_pool(n: int, **adm) -> tuple[Saturation, Pool]:
+    cfg = config(adm)
+    eps = [Endpoint(url=f"http://127.0.0.1:{9000 + i}", model="m") for i in range(n)]
+    return Saturation(cfg.admission), Pool("m", "least_request", LeastRequestPolicy(), eps)
+
+
+def test_free_slots_count_limit_plus_headroom_minus_in_flight_and_requests_not_yet_sent() -> None:
+    sat, pool = saturation_pool(2, max_in_flight_per_pod=2, headroom_per_pod=1)
+    a, b = pool.endpoints
+    assert sat.free_slots(pool, admitted=0) == 6
+    a.in_flight, b.in_flight = 3, 2  # a is full (3 = 2 + headroom); b has one left
+    assert sat.free_slots(pool, admitted=5) == 1
+    assert sat.free_slots(pool, admitted=6) == 0  # one admitted, not yet charged to a pod: saturated
+
+
+def test_scraped_kv_usage_and_other_gateways_work_take_slots_away() -> None:
+    sat, pool = saturation_pool(1, max_in_flight_per_pod=4, headroom_per_pod=0, max_kv_usage=0.9)
+    (ep,) = pool.endpoints
+    ep.last_scrape, ep.kv_usage = 1.0, 0.9  # exactly at the threshold: full
+    assert sat.free_slots(pool, 0) == 0
+    ep.kv_usage = 0.89
+    ep.running, ep.waiting, ep.in_flight_at_scrape = 3, 0, 1  # 2 requests from another gateway
+    assert sat.free_slots(pool, 0) == 2
+
+
+def test_unhealthy_pods_give_no_slots_unless_none_is_healthy_and_an_empty_pool_is_never_saturated() -> None:
+    sat, pool = saturation_pool(2, max_in_flight_per_pod=1, headroom_per_pod=0)
+    pool.endpoints[0].healthy = False
+    assert sat.free_slots(pool, 0) == 1
+    pool.endpoints[1].healthy = False
+    assert sat.free_slots(pool, 0) == 2  # panic: the proxy routes over all of them
+    sat2, empty = saturation_pool(0)
+    assert sat2.free_slots(empty, 0) == 1
+
+
+def test_the_learned_batch_size_of_cache_aware_is_the_limit() -> None:
+    from router.policies.predicted_ttft import PredictedTTFTPolicy
+    from router.prefix_cache import PrefixCache
+
+    cfg = config({"headroom_per_pod": 0})
+    ep = Endpoint(url="http://127.0.0.1:9000", model="m")
+    policy = PredictedTTFTPolicy(PrefixCache("m"), max_num_seqs=8)
+    pool = Pool("m", "cache_aware", policy, [ep])
+    sat = Saturation(cfg.admission)
+    assert sat.free_slots(pool, 0) == 256  # nothing known yet: vLLM's default
+    policy.ledger(ep)
+    assert sat.free_slots(pool, 0) == 8
