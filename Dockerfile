@@ -1,5 +1,5 @@
 # kvgate: KV-cache-aware inference gateway. Build: docker build -t kvgate:0.1.0 .
-# The runtime image holds the gateway and the simulator's one extra (msgpack), not the benchmark's
+# The runtime image holds the gateway, Kubernetes discovery and the simulator's extras, not the benchmark's
 # (numpy, matplotlib, locust): `kvgate bench` there says in one line what to install.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -10,7 +10,7 @@ COPY gateway ./gateway
 COPY router ./router
 COPY prefixindex ./prefixindex
 COPY bench ./bench
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[sim]'
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[sim,kubernetes]'
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="kvgate" \

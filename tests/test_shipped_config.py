@@ -86,4 +86,6 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck_on_a_pinned_base() -> No
         assert f"org.opencontainers.image.{label}=" in text
     for copied in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):
         assert (ROOT / copied).exists(), copied
-    assert "[bench]" not in text and "'.[sim]'" in text  # the runtime image carries no benchmark extras
+    (extras,) = re.findall(r"'\.\[([a-z,]+)\]'", text)
+    assert "bench" not in extras.split(",")  # the runtime image carries no benchmark extras
+    assert "kubernetes" in extras.split(",")  # config/k8s/kvgate-discovery.yaml runs on this image
