@@ -146,6 +146,7 @@ class AdmissionController:
         if self.draining:
             self.metrics.rejected(tenant.name, "shutting_down").inc()
             raise refusals.shutting_down()
+        timeout = self.queue_timeout(headers, tenant)  # a bad header is a 400 even when nothing waits
         now = self.clock()
         if tenant.rate is not None:
             limited = tenant.rate.take(est.prompt_tokens + est.output_tokens, now)
@@ -157,7 +158,6 @@ class AdmissionController:
         if not queue.length and self.saturation.free_slots(lane.pool, lane.admitted) > 0:
             queue.charge(tenant.name, est.cost)
             return self._dispatched(lane, tenant.name, tenant.spec.priority, est.cost, 0.0, "direct")
-        timeout = self.queue_timeout(headers, tenant)
         nbytes = len(call.raw_body)
         self._check_room(lane, tenant, nbytes)
         if timeout <= 0:

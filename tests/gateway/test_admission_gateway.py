@@ -226,6 +226,8 @@ async def test_a_tenant_deadline_applies_and_a_zero_deadline_passes_when_capacit
     async with SimFleet(1, **SLOW, max_num_seqs=1) as fleet, gateway(fleet.urls, admission) as gw:
         free = await call(http, gw, "x", tenant="impatient", headers={"x-kvgate-queue-timeout": "0"})
         assert free.status == 200  # the deadline bounds waiting; nothing waited
+        bad = await call(http, gw, "x", tenant="impatient", headers={"x-kvgate-queue-timeout": "-1"})
+        assert_openai_error(bad, 400, "invalid_value")  # checked even when nothing would wait
         blockers = await hold_slots(http, gw, 1)
         late = await call(http, gw, "x", tenant="impatient", headers={"x-kvgate-queue-timeout": "60"})
         assert_openai_error(late, 503, "queue_timeout")  # the header can only lower the tenant's 0.2 s
