@@ -66,10 +66,10 @@ async def test_a_light_tenant_beside_a_flooding_one_waits_about_as_long_as_alone
     base = max(alone)
     worst = max(a.elapsed for a in light)
     if order == "fair":
-        assert worst <= base + 0.35, (alone, [a.elapsed for a in light])  # at most ~one request's time more
+        assert worst <= base + 0.6, (alone, [a.elapsed for a in light])  # ~one request more, at most
         assert queued_after > 30  # the flood was still queued: the light tenant really overtook it
     else:
-        assert worst > base + 1.0, (alone, [a.elapsed for a in light])
+        assert worst > base + 1.5, (alone, [a.elapsed for a in light])
 
 
 async def test_weights_are_honoured_within_10_percent_end_to_end(http) -> None:
