@@ -3,6 +3,7 @@ when it is dispatched (late binding: `pool.policy.pick` then sees the pods as th
 
 Per request, in `admit(call)` (before anything is sent to a pod):
 
+    /tokenize   and /detokenize pass at once (the pod's API server answers them, not its engine)
     tenant      from the API key or the x-kvgate-tenant header (gateway.admission.tenants)
     estimate    prompt tokens, uncached ones (best pod of the prefix index, when the pool has one) and
                 expected output tokens (max_tokens, else admission.default_output_tokens)
@@ -51,6 +52,8 @@ log = logging.getLogger("kvgate.admission")
 QUEUE_TIMEOUT_HEADER = "x-kvgate-queue-timeout"
 QUEUE_WAIT_HEADER = "x-kvgate-queue-wait"  # on the answer to a request that waited: seconds, ms precision
 _RATE_EWMA = 0.2
+# Answered by a pod's API server without the engine: never queued behind generation
+_ENGINE_FREE = frozenset({"/tokenize", "/detokenize"})
 Clock = Callable[[], float]
 
 
@@ -135,6 +138,8 @@ class AdmissionController:
     async def admit(self, call: ProxyCall) -> Ticket:
         """Admit `call` now or once its pool has room; raises GatewayError (403, 429, 503)."""
         lane = self.lanes[call.pool]
+        if call.route.path in _ENGINE_FREE:
+            return Ticket(self, lane, released=True)  # holds no slot: release does nothing
         headers = call.request.headers
         tenant = self.tenants.resolve(headers, self.keys_checked)
         model = _model(call)

@@ -427,3 +427,17 @@ async def test_metrics_show_queue_depth_saturation_wait_and_dispatch_share(http)
         assert gw.sample("kvgate_admission_queue_wait_seconds_count", {"tenant": "a", "priority": "2"}) == 4
         assert gw.sample("kvgate_admission_dispatched_cost_tokens_total", {"tenant": "a"}) > 0
         assert gw.sample("kvgate_admission_pool_saturated", {"model": "m"}) == 0
+
+
+async def test_tokenize_never_waits_behind_generation(http) -> None:
+    admission = {"max_in_flight_per_pod": 1, "headroom_per_pod": 0}
+    async with SimFleet(1, **SLOW, max_num_seqs=1) as fleet, gateway(fleet.urls, admission) as gw:
+        blockers = await hold_slots(http, gw, 1)
+        queued = spawn(call(http, gw, "waits"))
+        await eventually(lambda: gw.queued() == 1, what="a generation request to queue")
+        async with http.post(gw.url + "/tokenize", json={"model": "m", "prompt": "a b c"}) as resp:
+            assert resp.status == 200, await resp.text()
+        assert gw.queued() == 1 and sum(lane.admitted for lane in gw.admission.lanes.values()) == 1
+        for t in (*blockers, queued):
+            t.cancel()
+        await asyncio.gather(*blockers, queued, return_exceptions=True)
