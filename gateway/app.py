@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import errors
+from gateway.access_log import REFUSAL_KEY, AccessLog
 from gateway.adapters import POLL_INTERVAL_S, AdapterPoller
 from gateway.admission.controller import ADMISSION, AdmissionController
 from gateway.admission.tenants import tenant_api_keys
@@ -35,6 +36,7 @@ from gateway.request_body import SERVER_ARGS
 from gateway.scraper import MetricsScraper
 from gateway.state import PROXY, SESSION, STATE, GatewayState
 from gateway.target import TARGET_KEY, resolve_target
+from gateway.tracing import TRACE_KEY, TRACER, Tracer
 from router.discovery import kubernetes as kube_discovery
 from router.discovery.metrics import DiscoveryMetrics
 
@@ -46,8 +48,11 @@ UPSTREAM_KEEPALIVE_S = 4.0
 _USABLE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
-def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
-    """A ready-to-run gateway app. Raises (PolicyError, OSError for a missing key file) on bad config."""
+def build_app(
+    config: GatewayConfig, *, registry: CollectorRegistry | None = None, span_exporter: object = None
+) -> web.Application:
+    """A ready-to-run gateway app. Raises (PolicyError, OSError for a missing key file,
+    TracingUnavailable) on bad config. `span_exporter`: where spans go instead of tracing.exporter."""
     registry = registry if registry is not None else CollectorRegistry()
     pools = build_pools(config, registry)
     metrics = GatewayMetrics(registry, pools.endpoints)
@@ -66,6 +71,12 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
     if api_keys:
         middlewares.append(auth_middleware(api_keys))
     rejections = Rejections(registry)
+    tracer = Tracer(config.tracing, exporter=span_exporter) if config.tracing.enabled else None
+    if tracer is not None:
+        middlewares.insert(0, traced(tracer))
+    access_log = AccessLog(config.logs, registry) if config.logs.access else None
+    if access_log is not None:
+        middlewares.insert(0, access_logged(access_log))
     app = web.Application(
         middlewares=middlewares,
         client_max_size=config.limits.max_body_bytes,
@@ -73,12 +84,16 @@ def build_app(config: GatewayConfig, *, registry: CollectorRegistry | None = Non
     )
     app[STATE] = state
     app[REJECTIONS] = rejections
+    if access_log is not None:
+        app[ACCESS_LOG] = access_log
+    if tracer is not None:
+        app[TRACER] = tracer
     add_routes(app)
     if config.admission is not None:
         app[ADMISSION] = AdmissionController(config, pools, registry, keys_checked=bool(api_keys))
         app.on_shutdown.append(admission_drain)
     app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, health_ctx, adapters_ctx, scraper_ctx,
-                            rejections_ctx, admission_ctx])
+                            rejections_ctx, admission_ctx, observability_ctx])
     if any(spec.discovery == "kubernetes" for spec in config.pools):
         check_discovery(config)
         app.cleanup_ctx.insert(app.cleanup_ctx.index(policies_ctx) + 1, discovery_ctx)
@@ -102,11 +117,13 @@ async def openai_errors_and_accounting(
         response = exc.response()
         if exc.status < 500:
             request.app[REJECTIONS].count(exc.reason)
+            request[REFUSAL_KEY] = exc.reason
     except web.HTTPException as exc:  # aiohttp's own (every path reaches `dispatch`: not expected)
         error = GatewayError(exc.status, exc.reason, type="invalid_request_error")
         response = error.response()
         if exc.status < 500:
             request.app[REJECTIONS].count(error.reason)
+            request[REFUSAL_KEY] = error.reason
     except asyncio.CancelledError:  # the client disconnected (handler cancellation)
         _account(request, 499)
         raise
@@ -124,6 +141,89 @@ async def openai_errors_and_accounting(
         response.headers[X_REQUEST_ID] = request[REQUEST_ID_KEY]
     _account(request, response.status)
     return response
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ACCESS_LOG = web.AppKey("kvgate_access_log", AccessLog)
+
+
+def access_logged(access_log: AccessLog) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Outermost middleware (logs.access): the request's access-log line once it ended, however."""
+
+    @web.middleware
+    async def access_logging(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 0
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            call = _call(request)
+            trace = request.get(TRACE_KEY)
+            access_log.log(request, call, _final_status(call, status), start,
+                           request.get(REQUEST_ID_KEY, ""), trace.trace_id if trace is not None else "")
+
+    return access_logging
+
+
+def traced(tracer: Tracer) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware (tracing.enabled): the request's span, from the client's traceparent, ended with it."""
+
+    @web.middleware
+    async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
+        trace = request[TRACE_KEY] = tracer.start_request(request)
+        status = 0
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            call = _call(request)
+            served = call.served_by.url if call is not None and call.served_by is not None else None
+            target = request.get(TARGET_KEY)
+            name = f"{request.method} {target.path[:256]}" if target is not None else None
+            trace.end(_final_status(call, status), request.get(REQUEST_ID_KEY, ""), name, {
+                "kvgate.pool": call.pool.model if call is not None else None,
+                "kvgate.endpoint": served,
+                "kvgate.retries": max(0, len(call.tried) - 1) if call is not None else None,
+            })
+
+    return tracing
+
+
+def _call(request: web.Request) -> ProxyCall | None:
+    call = request.get(CALL_KEY)
+    return call if isinstance(call, ProxyCall) else None
+
+
+def _final_status(call: ProxyCall | None, status: int) -> int:
+    """What the client got: 499 when it left, the started answer's status when an error cut it."""
+    if call is not None and call.status == 499:
+        return 499
+    if not status:
+        return call.status if call is not None and call.status else 500
+    return status
+
+
+async def observability_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The access log's writer thread; at teardown it writes what is queued, and the tracer exports
+    the spans left."""
+    access_log = app.get(ACCESS_LOG)
+    if access_log is not None:
+        access_log.start()
+    yield
+    tracer = app.get(TRACER)
+    if tracer is not None:
+        await tracer.shutdown()
+    if access_log is not None:
+        await asyncio.to_thread(access_log.close)
 
 
 def _check_expect(request: web.Request) -> None:

@@ -52,6 +52,25 @@ class Forwarded:
 @dataclass(slots=True)
 class Logs:
     rejected_interval: float = 10.0  # seconds between summary lines counting the requests refused
+    access: bool = True  # one line per request on stdout (gateway/access_log.py)
+    format: Literal["json", "text"] = "json"  # of the access log and of the gateway's own log (stderr)
+    # refused requests (4xx the gateway answers itself) logged one by one per rejected_interval; the
+    # rest only counted in that interval's summary line, so a flood of bad requests stays a few lines
+    access_refused_per_interval: int = 100
+    access_queue: int = 10000  # lines waiting for the writer thread; beyond, lines are dropped and counted
+
+
+@dataclass(slots=True)
+class Tracing:
+    """OpenTelemetry traces (the `otel` extra; gateway/tracing.py): a span per request, W3C traceparent
+    read from the client and sent to the pods."""
+
+    enabled: bool = False  # a span per request, with children for routing, attempts and P/D steps
+    # auto: OTLP when opentelemetry-exporter-otlp is installed (OTEL_EXPORTER_OTLP_* variables), else
+    # console (stderr); none: spans made and propagated, not exported
+    exporter: Literal["auto", "otlp", "console", "none"] = "auto"
+    service_name: str = "kvgate"  # the service.name resource attribute
+    sample_ratio: float = 1.0  # of the traces a client did not start (theirs follow its sampled flag)
 
 
 @dataclass(slots=True)
@@ -193,6 +212,7 @@ class GatewayConfig:
     scrape: Scrape = field(default_factory=Scrape)
     forwarded: Forwarded = field(default_factory=Forwarded)
     logs: Logs = field(default_factory=Logs)
+    tracing: Tracing = field(default_factory=Tracing)
     admission: Admission | None = None  # None: no admission control (every request dispatched at once)
     # other names clients may use for a pool's model or adapter (alias -> served name); the pod is sent
     # the served name, and lists it in its answer
@@ -246,6 +266,10 @@ def validate(cfg: GatewayConfig) -> None:
         raise ValueError("scrape.interval must be >= 0")
     if cfg.logs.rejected_interval <= 0:
         raise ValueError("logs.rejected_interval must be positive")
+    if cfg.logs.access_refused_per_interval < 0 or cfg.logs.access_queue < 1:
+        raise ValueError("logs: access_refused_per_interval must be >= 0, access_queue at least 1")
+    if not 0.0 <= cfg.tracing.sample_ratio <= 1.0:
+        raise ValueError("tracing.sample_ratio must be in [0, 1]")
     models = set()
     for pool in cfg.pools:
         if pool.model in models:

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from gateway.health import HealthTracker
@@ -123,6 +124,7 @@ class PDFlow:
         pd = call.pool.pd
         call.extra_headers.pop(X_PREFILL_ENDPOINT, None)  # from an earlier, failed attempt
         call.route.state.disaggregated = False
+        call.prefill_by = None
         if pd is None or not self.splittable(call):
             return await self.inner(call, decision)
         pool = call.pool
@@ -151,6 +153,9 @@ class PDFlow:
         call.body = {**original, "kv_transfer_params": params}
         call.body_changed = True
         call.extra_headers[X_PREFILL_ENDPOINT] = prefill.endpoint.url
+        call.prefill_by = prefill.endpoint
+        if call.trace is not None:  # ended with the attempt, once the answer is relayed
+            call.trace.step = call.trace.start_step("kvgate.decode", decode, call.upstream_headers)
         try:
             return await self.inner(call, decision)
         finally:  # a retry on another decode pod starts again from the client's request
@@ -177,15 +182,22 @@ class PDFlow:
         result = "cancelled"
         params: dict[str, Any] | None = None
         start = time.perf_counter()
+        headers = call.upstream_headers
+        span = None
+        if call.trace is not None:
+            headers = CIMultiDict(headers)  # the prefill pod gets its own span's traceparent
+            span = call.trace.start_step("kvgate.prefill", d.endpoint, headers)
         try:
-            result, params = await self._send_prefill(call, d, pd.prefill_timeout_s)
+            result, params = await self._send_prefill(call, d, pd.prefill_timeout_s, headers)
             return params
         finally:
             self.metrics.prefill_seconds(call.pool.model, result).observe(time.perf_counter() - start)
             call.discharge(d, params is not None)
+            if span is not None and call.trace is not None:
+                call.trace.end_prefill(span, result)
 
     async def _send_prefill(
-        self, call: ProxyCall, d: Decision, limit_s: float
+        self, call: ProxyCall, d: Decision, limit_s: float, headers: CIMultiDict[str]
     ) -> tuple[str, dict[str, Any] | None]:
         assert call.body is not None
         ep = d.endpoint
@@ -195,7 +207,7 @@ class PDFlow:
         try:
             async with (
                 asyncio.timeout(limit_s),
-                self.session.post(url, data=body, headers=call.upstream_headers) as resp,
+                self.session.post(url, data=body, headers=headers) as resp,
             ):
                 raw = await resp.read()
         except TimeoutError:

@@ -27,6 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import errors
+from gateway.access_log import AnswerTally
 from gateway.answer_check import answer_problem
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
@@ -34,6 +35,7 @@ from gateway.health import HealthTracker
 from gateway.metrics import GatewayMetrics
 from gateway.pools import Pool
 from gateway.target import TARGET_KEY
+from gateway.tracing import TRACE_KEY, RequestTrace
 from router.endpoint import Endpoint
 from router.policy import Decision, RouteRequest
 
@@ -82,6 +84,13 @@ class ProxyCall:
     status: int = 0  # status sent to the client; 499 when the client went away
     served_by: Endpoint | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)  # added to the client's response
+    # ---- what the access log and the trace report (gateway.access_log, gateway.tracing) ----
+    tenant: str = ""  # the admission tenant, when admission control resolved one
+    decision: Decision | None = None  # the latest pick
+    prefill_by: Endpoint | None = None  # P/D: the prefill pod of the attempt that answered
+    first_byte_at: float = 0.0  # time.perf_counter() when the answer's first byte was relayed
+    tally: AnswerTally | None = None  # the relayed answer's events and tail (access log on)
+    trace: RequestTrace | None = None  # tracing on
 
     def upstream_body(self) -> bytes:
         if self.body_changed and self.body is not None:
@@ -173,6 +182,8 @@ class Proxy:
         self.max_retries = config.retries.max_retries
         self.retry_statuses = frozenset(config.retries.on_status)
         self.panic_threshold = config.health.panic_threshold
+        self.tally_answers = config.logs.access
+        self.tracing = config.tracing.enabled
         self.metrics = metrics
         self.health = health
         self.attempt: Attempt = self.send_upstream
@@ -185,13 +196,18 @@ class Proxy:
         """
         pool = call.pool
         failure: RetryableFailure | None = None
+        if self.tracing:
+            call.trace = call.request.get(TRACE_KEY)
         for attempt_no in range(self.max_retries + 1):
             candidates, panic = pool.candidates(call.tried, self.panic_threshold)
             if not candidates:
                 break
             if panic:
                 self.metrics.panic_routing(pool.model).inc()
-            decision = pool.policy.pick(call.route, candidates)
+            picked_ns = time.time_ns() if call.trace is not None else 0
+            decision = call.decision = pool.policy.pick(call.route, candidates)
+            if call.trace is not None:
+                call.trace.routed(picked_ns, decision, pool.policy_name, attempt_no, panic)
             self.metrics.decisions(pool.policy_name, decision.reason).inc()
             call.tried.append(decision.endpoint)
             if attempt_no:
@@ -210,8 +226,11 @@ class Proxy:
         when a 2xx answer's first chunk arrived), in-flight counts restored on every exit (success,
         failure, client disconnect, cancellation)."""
         ep = decision.endpoint
+        if call.trace is not None:
+            call.trace.start_attempt(ep, len(call.tried) - 1, call.upstream_headers)
         call.charge(decision)
         ok = False
+        error: BaseException | None = None
         try:
             reply = await self.attempt(call, decision)
             if 200 <= reply.response.status < 300:
@@ -222,8 +241,13 @@ class Proxy:
             response, completed = await self.relay(call, decision, reply)
             ok = completed and 200 <= reply.response.status < 300
             return response
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             call.discharge(decision, ok)
+            if call.trace is not None:
+                call.trace.end_attempt(call.status, ok, error)
 
     async def send_upstream(self, call: ProxyCall, decision: Decision) -> UpstreamReply:
         """Send the call to the decision's endpoint; return once its first chunk arrived.
@@ -298,12 +322,16 @@ class Proxy:
         headers.update(call.extra_headers)
         completed = False
         call.status = up.status
+        if self.tally_answers:
+            call.tally = AnswerTally(call.body is not None and call.body.get("stream") is True)
+            call.tally.add(reply.first_chunk)
         try:
             await resp.prepare(call.request)
             if reply.first_chunk:
                 await resp.write(reply.first_chunk)
+            call.first_byte_at = time.perf_counter()
             if 200 <= up.status < 300:
-                self.metrics.ttft(call.pool.model).observe(time.perf_counter() - call.arrival)
+                self.metrics.ttft(call.pool.model).observe(call.first_byte_at - call.arrival)
             completed = await self._pump(call, resp, up, ep)
             if completed:
                 await resp.write_eof()
@@ -321,6 +349,7 @@ class Proxy:
         self, call: ProxyCall, resp: web.StreamResponse, up: aiohttp.ClientResponse, ep: Endpoint
     ) -> bool:
         content = up.content
+        tally = call.tally
         while True:
             try:
                 chunk = await content.readany()
@@ -329,6 +358,8 @@ class Proxy:
                 return False
             if not chunk:
                 return True
+            if tally is not None:
+                tally.add(chunk)
             await resp.write(chunk)
 
     async def _end_broken_answer(

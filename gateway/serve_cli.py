@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.access_log import TEXT_FORMAT, setup_logging
 from gateway.app import build_app
 from gateway.config import (
     EndpointSpec,
@@ -93,10 +94,22 @@ class _EnvFlags:
 
 
 def _convert(action: argparse.Action, raw: str) -> Any:
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return _switch(raw)
     value = action.type(raw) if callable(action.type) else raw
     if action.choices is not None and value not in action.choices:
         raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
     return value
+
+
+def _switch(raw: str) -> bool:
+    """A switch's variable: true/false, 1/0, yes/no, on/off."""
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
 
 
 def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
@@ -154,6 +167,10 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
         shown="no API keys: open")
     add(tune, "--seed", "seed for the policies' random choices", type=int, shown="random")
     add(parser, "--log-level", "Python logging level", default="INFO")
+    add(parser, "--access-log", "one line per request on stdout (logs.access)",
+        action=argparse.BooleanOptionalAction, shown="on")
+    add(parser, "--log-format", "access log and gateway log (stderr) format (logs.format)",
+        choices=["json", "text"], shown=d.logs.format)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -248,6 +265,8 @@ def _apply_overrides(c: GatewayConfig, a: argparse.Namespace) -> None:
         (a.api_keys_file, c.auth, "api_keys_file"),
         (a.api_keys_env, c.auth, "api_keys_env"),
         (a.seed, c, "seed"),
+        (a.access_log, c.logs, "access"),
+        (a.log_format, c.logs, "format"),
     ]
     for value, section, name in overrides:
         if value is not None:
@@ -292,7 +311,7 @@ async def serve(config: GatewayConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=TEXT_FORMAT)
     try:
         import uvloop
 
@@ -303,7 +322,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.config and args.backend and not args.model:
             args.model = runner(discover_model(parse_backend(args.backend[0])[0]))
         config = config_from_args(args)
-        runner(serve(config))
+        listener = setup_logging(args.log_level, config.logs.format)  # off the event loop from here on
+        try:
+            runner(serve(config))
+        finally:
+            listener.stop()
     except (ValueError, PolicyError, OSError, aiohttp.ClientError) as exc:
         print(f"kvgate serve: {exc}", file=sys.stderr)
         return 2

@@ -311,12 +311,19 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
         assert line.startswith(b"KVGATE_SERVE_READY "), line
+        drain = asyncio.create_task(_read_all(proc.stdout))  # the access log: a pipe left full blocks wait()
         try:
             yield Stack(orjson.loads(line.split(b" ", 1)[1])["url"], fleet.urls, proc, stderr)
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(proc.wait(), 15)
+            await drain
+
+
+async def _read_all(stream: asyncio.StreamReader) -> None:
+    while await stream.read(1 << 16):
+        pass
 
 
 def check_answer(req: FuzzRequest, resp: RawResponse) -> None:
