@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from gateway.admission.controller import ADMISSION, AdmissionController
@@ -78,7 +79,7 @@ async def gateway(
 @dataclass
 class Answer:
     status: int
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     body: dict[str, Any]
     elapsed: float
     tenant: str = ""
@@ -107,7 +108,8 @@ async def call(
     ) as resp:
         raw = await resp.read()
     body = orjson.loads(raw) if raw else {}
-    return Answer(resp.status, dict(resp.headers), body, time.perf_counter() - start, tenant or "")
+    # a case-insensitive copy: header names as the gateway wrote them (multidict 4.5 keeps that case)
+    return Answer(resp.status, CIMultiDict(resp.headers), body, time.perf_counter() - start, tenant or "")
 
 
 def spawn(coro: Any) -> asyncio.Task[Any]:
