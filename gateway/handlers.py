@@ -58,6 +58,8 @@ async def proxy_api(request: web.Request) -> web.StreamResponse:
         ),
     )
     request[CALL_KEY] = call
+    if pool.prefix_cache is not None:  # tokenized off the event loop, once: routing reads it from the state
+        await pool.prefix_cache.read_prompt(route.state, route)
     admission = request.app.get(ADMISSION)
     if admission is None:
         return await request.app[PROXY].forward(call)

@@ -138,6 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
     add(quick, "--tokenizer", "the model's tokenizer for cache-aware routing: a local dir (tokenizer.json, "
         "chat template) or a HuggingFace repo id already in the local HF cache (org/name[@rev]; offline)",
         shown="a built-in word tokenizer")
+    add(quick, "--tokenizer-workers", "cache_aware: threads tokenizing prompts off the event loop, batching "
+        "what arrives together; 0 tokenizes on the loop", type=int, shown="1")
     add(quick, "--block-size", "tokens per KV block for cache-aware routing", type=int,
         shown=f"what the pods report, else {DEFAULT_BLOCK_SIZE}")
     pd = parser.add_argument_group("prefill/decode disaggregation (quick start; with prefill backends)")
@@ -192,7 +194,9 @@ def quick_pool(args: argparse.Namespace) -> PoolSpec:
     for flag, values in (("--kv-events", args.kv_events), ("--kv-events-replay", args.kv_events_replay)):
         if values and len(values) != n:
             raise ValueError(f"{flag} must be given once per --backend ({n}), got {len(values)}")
-    params = {"index": args.index} if args.index else {}
+    params: dict[str, Any] = {"index": args.index} if args.index else {}
+    if args.tokenizer_workers is not None:
+        params["tokenizer_workers"] = args.tokenizer_workers
     endpoints = []
     for i, backend in enumerate(args.backend):
         url, role, version = parse_backend(backend)

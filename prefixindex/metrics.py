@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import weakref
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class IndexMetrics:
@@ -57,6 +59,45 @@ class IndexMetrics:
             "Times a pod's index entries were dropped (lost events, restart, clear)",
             ["model", "pod", "cause"], registry=r,
         )
+
+        self.tokenizer_batch = Histogram(
+            "kvgate_tokenizer_batch_texts",
+            "Prompts encoded together in one batch by the tokenizer worker", ["model"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.token_reuse = Counter(
+            "kvgate_tokenizer_reuse",
+            "Chat prompts looked up in the token reuse cache, by outcome: hit (an earlier turn's tokens "
+            "reused) or miss", ["model", "outcome"], registry=r,
+        )
+        self.reused_tokens = Counter(
+            "kvgate_tokenizer_reused_tokens", "Prompt tokens taken from the reuse cache, not re-encoded",
+            ["model"], registry=r,
+        )
+        self.token_reuse_bytes = Gauge(
+            "kvgate_tokenizer_reuse_bytes", "Memory held by the token reuse cache", ["model"], registry=r
+        )
+
+
+class TokenizerObserver:
+    """Counts one pool's tokenizer batches and reuse in its metrics (label children bound once; safe
+    to call from the worker thread)."""
+
+    def __init__(self, metrics: IndexMetrics, model: str) -> None:
+        self._batch = metrics.tokenizer_batch.labels(model)
+        self._hit = metrics.token_reuse.labels(model, "hit")
+        self._miss = metrics.token_reuse.labels(model, "miss")
+        self._tokens = metrics.reused_tokens.labels(model)
+        self._bytes = metrics.token_reuse_bytes.labels(model)
+
+    def batch(self, texts: int) -> None:
+        self._batch.observe(texts)
+
+    def reused(self, hit: bool, tokens: int, cache_bytes: int) -> None:
+        (self._hit if hit else self._miss).inc()
+        if tokens:
+            self._tokens.inc(tokens)
+        self._bytes.set(cache_bytes)
 
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, IndexMetrics] = weakref.WeakKeyDictionary()

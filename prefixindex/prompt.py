@@ -46,8 +46,19 @@ class Prompt:
     cache_salt: str | None = None
 
 
-def prompt_tokens(body: Mapping[str, Any], path: str, tokenizer: Tokenizer) -> list[int]:
-    """The prompt token ids of an OpenAI request body. Raises PromptError when there is none."""
+@dataclass(frozen=True, slots=True)
+class PromptText:
+    """A prompt still to tokenize: its text (a chat already rendered) and whether special tokens are
+    added. `Tokenizer.encode(text, add_special_tokens)` gives its tokens, inline or in a worker."""
+
+    text: str
+    add_special_tokens: bool
+    failure_reason: str = "prompt"  # PromptError.reason when encoding it fails (chats: chat_template)
+
+
+def prompt_input(body: Mapping[str, Any], path: str, tokenizer: Tokenizer) -> PromptText | list[int]:
+    """What a request body asks to prefill: a text to tokenize (a chat rendered with the model's
+    template) or the token ids it gave. Raises PromptError when there is none."""
     if "messages" in body or path.endswith("/chat/completions"):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -55,10 +66,30 @@ def prompt_tokens(body: Mapping[str, Any], path: str, tokenizer: Tokenizer) -> l
         if not all(isinstance(m, Mapping) for m in messages):
             raise PromptError("each message must be an object")
         try:
-            return tokenizer.encode_chat_request(body)
+            text, add_special = tokenizer.render_chat_request(body)
         except (TypeError, ValueError) as exc:
             raise PromptError(f"cannot render messages: {exc}", reason="chat_template") from exc
-    return _completion_tokens(body.get("prompt"), tokenizer)
+        return PromptText(text, add_special, "chat_template")
+    prompt = _first_prompt(body.get("prompt"))
+    if isinstance(prompt, str):
+        return PromptText(prompt, True)
+    if isinstance(prompt, list) and prompt and _is_token_id(prompt[0]):
+        if all(_is_token_id(t) and t >= 0 for t in prompt):
+            return prompt
+        raise PromptError("token-id prompts must be non-negative integers")
+    raise PromptError("'prompt' must be a string, a list of token ids, or a batch of them")
+
+
+def prompt_tokens(body: Mapping[str, Any], path: str, tokenizer: Tokenizer) -> list[int]:
+    """The prompt token ids of an OpenAI request body, tokenized here. Raises PromptError when there
+    is none (a chat the tokenizer cannot render or encode included)."""
+    source = prompt_input(body, path, tokenizer)
+    if isinstance(source, list):
+        return source
+    try:
+        return tokenizer.encode(source.text, add_special_tokens=source.add_special_tokens)
+    except (TypeError, ValueError) as exc:
+        raise PromptError(f"cannot tokenize the prompt: {exc}", source.failure_reason) from exc
 
 
 def check_prompt_nesting(prompt: Any) -> None:
@@ -83,25 +114,20 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _completion_tokens(prompt: Any, tokenizer: Tokenizer) -> list[int]:
-    prompt = _first_prompt(prompt)
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_special_tokens=True)
-    if isinstance(prompt, list) and prompt and _is_token_id(prompt[0]):
-        if all(_is_token_id(t) and t >= 0 for t in prompt):
-            return prompt
-        raise PromptError("token-id prompts must be non-negative integers")
-    raise PromptError("'prompt' must be a string, a list of token ids, or a batch of them")
-
-
 def extract_prompt(
     body: Mapping[str, Any], path: str, tokenizer: Tokenizer, base_model: str
 ) -> Prompt:
     """Tokens and key root of a request to a pool serving `base_model`. Raises PromptError."""
+    lora, salt = prompt_scope(body, base_model)
+    tokens = prompt_tokens(body, path, tokenizer)
+    return Prompt(tokens, root_key(base_model, lora, salt), lora, salt)
+
+
+def prompt_scope(body: Mapping[str, Any], base_model: str) -> tuple[str | None, str | None]:
+    """The LoRA adapter and `cache_salt` a request's keys are rooted at. Raises PromptError."""
     salt = body.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise PromptError("'cache_salt' must be a non-empty string")
     model = body.get("model")
     lora = model if isinstance(model, str) and model and model != base_model else None
-    tokens = prompt_tokens(body, path, tokenizer)
-    return Prompt(tokens, root_key(base_model, lora, salt), lora, salt)
+    return lora, salt

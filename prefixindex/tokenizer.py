@@ -22,6 +22,7 @@ import xxhash
 
 from prefixindex.chat_template import ChatRenderError, ChatTemplate, find_chat_template, special_tokens
 from prefixindex.hf_cache import resolve_tokenizer
+from prefixindex.token_reuse import safe_cut_tokens
 
 Message = Mapping[str, Any]
 
@@ -52,6 +53,11 @@ class Tokenizer(Protocol):
         """Token ids of a chat-completions request body (messages, tools, template kwargs...)."""
         ...
 
+    def render_chat_request(self, body: Mapping[str, Any]) -> tuple[str, bool]:
+        """The text a chat-completions body becomes and whether it is tokenized with special tokens:
+        `encode_chat_request(body) == encode(*render_chat_request(body))`."""
+        ...
+
 
 def message_text(content: Any) -> str:
     """The text of an OpenAI message `content`: a string, or its text parts joined by newlines (as vLLM)."""
@@ -75,6 +81,7 @@ class WordTokenizer:
     """
 
     name = "word"
+    tokens_never_span_whitespace = True  # a text cut at a space encodes as its pieces do, joined
 
     def __init__(self, vocab_size: int = 32000) -> None:
         if vocab_size <= 4:
@@ -110,10 +117,13 @@ class WordTokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
     def encode_chat_request(self, body: Mapping[str, Any]) -> list[int]:
+        return self.encode(*self.render_chat_request(body))
+
+    def render_chat_request(self, body: Mapping[str, Any]) -> tuple[str, bool]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
             raise ValueError("'messages' must be a list of objects")
-        return self.encode_chat(messages, body.get("add_generation_prompt", True) is not False)
+        return self.render_chat(messages, body.get("add_generation_prompt", True) is not False), False
 
 
 class HFTokenizer:
@@ -143,6 +153,20 @@ class HFTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """Token ids of each text, as `encode` gives them. The encoding runs without the GIL (the
+        tokenizers library's batch encode, without offsets), so a thread calling this leaves the
+        event loop free; only turning the ids into Python lists holds it."""
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+    def cut_tokens(self) -> list[str]:
+        """The special tokens a text may be cut just before, its pieces tokenized apart giving the
+        whole text's tokens (prefixindex/token_reuse.py); none with truncation or padding set."""
+        tok = self._tok
+        if tok.truncation is not None or tok.padding is not None:
+            return []
+        return safe_cut_tokens(tok.get_added_tokens_decoder().values())
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
 
@@ -159,8 +183,10 @@ class HFTokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
     def encode_chat_request(self, body: Mapping[str, Any]) -> list[int]:
-        add_special = body.get("add_special_tokens", False) is True
-        return self.encode(self._template().render_request(body), add_special_tokens=add_special)
+        return self.encode(*self.render_chat_request(body))
+
+    def render_chat_request(self, body: Mapping[str, Any]) -> tuple[str, bool]:
+        return self._template().render_request(body), body.get("add_special_tokens", False) is True
 
 
 def load_tokenizer(path: str | None = None, vocab_size: int = 32000) -> Tokenizer:

@@ -37,12 +37,13 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 
 from prefixindex.events import EventBatch, event_type
-from prefixindex.hashing import block_keys
+from prefixindex.hashing import block_keys, root_key
 from prefixindex.index import BlockIndex
-from prefixindex.metrics import IndexMetrics, index_metrics
+from prefixindex.metrics import IndexMetrics, TokenizerObserver, index_metrics
 from prefixindex.precise import PodEventTracker
-from prefixindex.prompt import PromptError, extract_prompt
+from prefixindex.prompt import Prompt, PromptError, PromptText, prompt_input, prompt_scope
 from prefixindex.subscriber import EventSource, KVEventSubscriber, is_bind
+from prefixindex.tokenize_worker import PromptEncoder
 from prefixindex.tokenizer import Tokenizer, load_tokenizer
 from router.endpoint import Endpoint
 from router.policy import Decision, RouteRequest
@@ -55,8 +56,10 @@ DEFAULT_CAPACITY: Final = 31_250  # blocks: an 8B model on an H100 at 16 tokens 
 IndexMode = Literal["approximate", "precise"]
 # The pool's policy params that configure its prefix cache (the rest go to the policy).
 PREFIX_CACHE_PARAMS: Final = frozenset(
-    {"index", "block_size", "capacity", "pending_blocks", "replay_timeout", "resync_interval", "tokenizer"}
+    {"index", "block_size", "capacity", "pending_blocks", "replay_timeout", "resync_interval", "tokenizer",
+     "tokenizer_workers", "token_reuse_bytes"}
 )
+DEFAULT_TOKEN_REUSE_BYTES: Final = 64 << 20
 
 
 def _positive_int_or_none(name: str, value: object) -> None:
@@ -75,6 +78,8 @@ class PrefixCacheConfig:
     replay_timeout: float = 2.0  # seconds to wait for a pod's replay socket
     resync_interval: float = 5.0  # seconds of silence before a pod is asked for missed events; 0: never
     tokenizer: str | None = None  # HuggingFace tokenizer dir; None: the default WordTokenizer
+    tokenizer_workers: int = 1  # threads tokenizing prompts off the event loop; 0: on the loop (inline)
+    token_reuse_bytes: int = DEFAULT_TOKEN_REUSE_BYTES  # chat turns' tokens kept for the next turn; 0: off
 
     def __post_init__(self) -> None:
         if self.index not in ("approximate", "precise"):
@@ -92,6 +97,10 @@ class PrefixCacheConfig:
             raise ValueError("replay_timeout must be positive")
         if self.tokenizer is not None and not isinstance(self.tokenizer, str):
             raise ValueError(f"tokenizer must be a path, not {self.tokenizer!r}")
+        for name in ("tokenizer_workers", "token_reuse_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, not {v!r}")
 
     @classmethod
     def from_params(
@@ -139,6 +148,10 @@ class PrefixCache:
         self._subscriber: KVEventSubscriber | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics: IndexMetrics | None = index_metrics(registry) if registry is not None else None
+        self.encoder = PromptEncoder(
+            self.tokenizer, workers=config.tokenizer_workers, reuse_bytes=config.token_reuse_bytes,
+            observer=TokenizerObserver(self._metrics, model) if self._metrics is not None else None,
+        )  # fmt: skip
 
     # ---- per request (no I/O) -----------------------------------------------------------------
 
@@ -150,17 +163,56 @@ class PrefixCache:
                     self._accept_block_size(ep.block_size)
                     return
 
+    async def read_prompt(self, state: RouteState, request: RouteRequest) -> None:
+        """Fill `state.prompt` once, tokenizing in the worker while the event loop goes on (the gateway
+        awaits this before routing; `prepare` then finds the prompt read)."""
+        if state.prompt_read:
+            return
+        state.prompt_read = True
+        try:
+            scope, source = self._prompt_source(request)
+            tokens = source if isinstance(source, list) else await self._encode(self.encoder.encode, source)
+            state.prompt = Prompt(tokens, *scope)
+        except (PromptError, TypeError, ValueError) as exc:
+            self._unkeyed(state, exc)
+
     def prepare(self, state: RouteState, request: RouteRequest) -> None:
-        """Fill `state.prompt` (read once per request) and `state.keys` (at the current block size)."""
+        """Fill `state.prompt` (read once per request, on the calling thread unless `read_prompt` read
+        it) and `state.keys` (at the current block size)."""
         if not state.prompt_read:
             state.prompt_read = True
             try:
-                state.prompt = extract_prompt(request.body, request.path, self.tokenizer, self.model)
+                scope, source = self._prompt_source(request)
+                tokens = source if isinstance(source, list) else self._encode_now(source)
+                state.prompt = Prompt(tokens, *scope)
             except (PromptError, TypeError, ValueError) as exc:
-                state.prompt = None
-                if self._metrics is not None:
-                    self._metrics.unkeyed.labels(self.model, getattr(exc, "reason", "prompt")).inc()
+                self._unkeyed(state, exc)
         self._ensure_keys(state)
+
+    def _prompt_source(
+        self, request: RouteRequest
+    ) -> tuple[tuple[int, str | None, str | None], PromptText | list[int]]:
+        lora, salt = prompt_scope(request.body, self.model)
+        return (root_key(self.model, lora, salt), lora, salt), prompt_input(
+            request.body, request.path, self.tokenizer
+        )
+
+    def _encode_now(self, source: PromptText) -> list[int]:
+        try:
+            return self.encoder.encode_now(source.text, source.add_special_tokens)
+        except (TypeError, ValueError) as exc:
+            raise PromptError(f"cannot tokenize the prompt: {exc}", source.failure_reason) from exc
+
+    async def _encode(self, encode: Any, source: PromptText) -> list[int]:
+        try:
+            return await encode(source.text, source.add_special_tokens)  # type: ignore[no-any-return]
+        except (TypeError, ValueError) as exc:
+            raise PromptError(f"cannot tokenize the prompt: {exc}", source.failure_reason) from exc
+
+    def _unkeyed(self, state: RouteState, exc: Exception) -> None:
+        state.prompt = None
+        if self._metrics is not None:
+            self._metrics.unkeyed.labels(self.model, getattr(exc, "reason", "prompt")).inc()
 
     def keys_for(self, request: RouteRequest) -> list[int]:
         """The block keys of `request`'s prompt at the current block size (a probe: state not kept)."""
@@ -281,6 +333,7 @@ class PrefixCache:
         self._update_size_metrics()
 
     async def close(self) -> None:
+        self.encoder.close()
         for t in list(self._tasks):
             t.cancel()
         if self._subscriber is not None:
