@@ -8,6 +8,9 @@ description. config/kvgate.schema.json is this output; a test keeps the two, and
 in step.
 
     python -m gateway.config_schema > config/kvgate.schema.json
+
+The Helm chart's values.schema.json embeds this schema: regenerate it too after a config change
+(`python scripts/helm_values_schema.py > config/helm/kvgate/values.schema.json`; tests/test_helm_chart.py).
 """
 
 from __future__ import annotations
