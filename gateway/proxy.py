@@ -234,8 +234,8 @@ class Proxy:
         try:
             reply = await self.attempt(call, decision)
             if 200 <= reply.response.status < 300:
-                elapsed = time.perf_counter() - decision.sent_at
-                call.pool.policy.on_first_byte(call.route, decision, elapsed)
+                decision.first_byte_at = first = time.perf_counter()
+                call.pool.policy.on_first_byte(call.route, decision, first - decision.sent_at)
             call.served_by = ep
             self.health.attempt_succeeded(ep)
             response, completed = await self.relay(call, decision, reply)

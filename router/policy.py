@@ -61,13 +61,16 @@ class Decision:
     """The pod chosen, why (a short label used in metrics), and the prompt tokens predicted cached there.
 
     One Decision is one attempt: `sent_at` is when it was sent upstream (time.perf_counter(), set by
-    the proxy just before on_routed; 0.0 before)."""
+    the proxy just before on_routed; 0.0 before), `first_byte_at` when a 2xx answer's first chunk came
+    (just before on_first_byte; 0.0 while none has): from then on the pod has prefilled the prompt, so
+    an attempt that fails later (the client left mid-stream) still left its KV there."""
 
     endpoint: Endpoint
     reason: str
     cached_tokens: int = 0
     prompt_tokens: int = 0
     sent_at: float = 0.0
+    first_byte_at: float = 0.0
 
 
 @dataclass(slots=True)

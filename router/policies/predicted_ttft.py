@@ -234,7 +234,7 @@ class PredictedTTFTPolicy(Policy):
         attempt = state.attempts.pop(decision.endpoint, None)
         if isinstance(attempt, Attempt):
             attempt.pod.finish(attempt, ok)
-        if not ok:
+        if not ok and not decision.first_byte_at:  # failed before the pod prefilled it
             self.cache.forget(state, decision.endpoint)
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:

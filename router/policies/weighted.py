@@ -116,6 +116,7 @@ class WeightedPolicy(Policy):
         self.cache.count_routed(decision)
 
     def on_finished(self, request: RouteRequest, decision: Decision, ok: bool) -> None:
-        """A failed attempt may never have reached prefill: forget the blocks it recorded there."""
-        if not ok:
+        """An attempt that failed before its first byte may never have reached prefill: forget the
+        blocks it recorded there (after it, the pod holds them even if the client left)."""
+        if not ok and not decision.first_byte_at:
             self.cache.forget(request.state, decision.endpoint)

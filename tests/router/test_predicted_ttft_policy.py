@@ -161,6 +161,20 @@ def test_a_failed_attempt_releases_its_backlog_and_forgets_its_blocks() -> None:
     assert policy.cache.match(r.state.keys, eps) == {}
 
 
+def test_an_attempt_that_fails_after_its_first_byte_keeps_its_blocks() -> None:
+    """The client left mid-stream (the attempt ends not ok): the pod prefilled the prompt all the same."""
+    clock = Clock()
+    policy, eps = make(clock), pods(2)
+    r = req(text(8, 300))
+    d = send(policy, r, eps)
+    clock.now += 0.05
+    d.first_byte_at = clock.now
+    policy.on_first_byte(r, d, 0.05)
+    policy.on_finished(r, d, False)
+    assert policy.ledger(d.endpoint).prefill_tokens == 0
+    assert policy.cache.match(r.state.keys, eps) == {d.endpoint: len(r.state.keys)}
+
+
 def test_built_from_config_with_prior_and_cache_params() -> None:
     registry = CollectorRegistry()
     params = {"index": "approximate", "capacity": 1000, "tie_fraction": 0.1,

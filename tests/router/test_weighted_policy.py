@@ -258,3 +258,14 @@ def test_a_failed_attempt_unlearns_only_what_it_taught() -> None:
     policy.on_finished(r, d, False)  # the pod failed before prefill: its new blocks are forgotten
     assert policy.pick(req(system + " " + text(19, 64)), eps).cached_tokens == 64
     assert policy.cache.index.held(first.endpoint) == 4
+
+
+def test_an_attempt_that_fails_after_its_first_byte_keeps_what_it_taught() -> None:
+    policy = make(15)
+    eps = pods(2)
+    r = req(text(20, 64) + " " + text(21, 64))
+    d = policy.pick(r, eps)
+    policy.on_routed(r, d)
+    d.first_byte_at = 1.0  # the pod answered, then the client left: it prefilled the prompt
+    policy.on_finished(r, d, False)
+    assert policy.cache.index.held(d.endpoint) == 8
