@@ -197,6 +197,9 @@ class Admission:
     max_kv_usage: float = 0.98  # a pod scraped at or above this KV usage takes no new request
     max_predicted_ttft_s: float | None = None  # cache_aware: a pod predicted slower takes none
     recheck_interval_s: float = 0.05  # re-reads the load signals this often while requests wait
+    # a freed slot takes, of the next tenant's first affinity_window queued requests, the one with the
+    # most prompt cached on a pod with a free slot (1: oldest first); none is passed over more often
+    affinity_window: int = 8
     drain_timeout_s: float = 10.0  # on SIGTERM: queued requests still waiting after this get 503
 
 
@@ -322,6 +325,8 @@ def validate_admission(adm: Admission) -> None:
         raise ValueError("admission: timeouts and aging_s must be >= 0")
     if adm.recheck_interval_s <= 0 or not 0.0 < adm.max_kv_usage <= 1.0 or adm.headroom_per_pod < 0:
         raise ValueError("admission: recheck_interval_s > 0, max_kv_usage in (0, 1], headroom_per_pod >= 0")
+    if adm.affinity_window < 1:
+        raise ValueError("admission.affinity_window: at least 1 (1: oldest first)")
     if adm.max_in_flight_per_pod is not None and adm.max_in_flight_per_pod < 1:
         raise ValueError("admission.max_in_flight_per_pod must be at least 1")
     names: set[str] = set()

@@ -46,6 +46,7 @@ from gateway.pools import Pool, Pools
 from gateway.proxy import ProxyCall
 from prefixindex.prompt import PromptError, prompt_tokens
 from prefixindex.tokenizer import Tokenizer, load_tokenizer
+from router.route_state import RouteState
 
 log = logging.getLogger("kvgate.admission")
 
@@ -170,7 +171,7 @@ class AdmissionController:
             raise refusals.queue_timeout(0.0)
         loop = asyncio.get_running_loop()
         entry = Entry(tenant.name, tenant.spec.priority, est.cost, nbytes, now, now + timeout,
-                      waiter=loop.create_future())
+                      waiter=loop.create_future(), route=call.route.state)
         queue.push(entry)
         timer = loop.call_later(timeout + 0.001, self._expire, lane)
         self._wake.set()
@@ -258,9 +259,12 @@ class AdmissionController:
     def pump(self, lane: Lane) -> None:
         """Dispatch queued requests of `lane` while its pool has free slots."""
         queue = lane.queue
+        prefer: Callable[[Entry], float] | None = None
         while queue.length and self.saturation.free_slots(lane.pool, lane.admitted) > 0:
             now = self.clock()
-            entry = queue.pop(now)
+            if prefer is None and lane.pool.prefix_cache is not None and self.config.affinity_window > 1:
+                prefer = self._affinity(lane)
+            entry = queue.pop(now, prefer, self.config.affinity_window)
             if entry is None:
                 return
             waiter = entry.waiter
@@ -272,6 +276,25 @@ class AdmissionController:
             lane.note_dispatch(now)
             waiter.set_result(self._dispatched(lane, entry.flow, entry.priority, entry.cost,
                                                now - entry.enqueued, "queued"))
+
+    def _affinity(self, lane: Lane) -> Callable[[Entry], float]:
+        """An entry's score for `FairQueue.pop`: its prompt tokens cached on the pool's pods that have a
+        free slot now (matched afresh: the index learned while it waited)."""
+        cache = lane.pool.prefix_cache
+        assert cache is not None
+        free = list(self.saturation.free_pods(lane.pool))
+
+        def cached_on_free_pods(entry: Entry) -> float:
+            state: RouteState | None = entry.route
+            if state is None or not state.keys or not free:
+                return 0.0
+            held = cache.match(state.keys, free)
+            if not held:
+                return 0.0
+            bs = state.keys_block_size
+            return float(min((state.prompt_tokens - 1) // bs * bs, max(held.values()) * bs))
+
+        return cached_on_free_pods
 
     def _dispatched(self, lane: Lane, tenant: str, priority: int, cost: float, waited: float,
                     path: str) -> Ticket:

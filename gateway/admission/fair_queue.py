@@ -12,6 +12,13 @@ its priority plus `waited / aging_s` of its oldest request (the aging guard: a l
 enough outranks a busy high band, so nothing starves). `order="fifo"` ignores tenants and bands: the
 oldest request goes first (the baseline the benchmark compares with).
 
+Cache affinity within a flow: `pop` may be given a `prefer` score (the controller's: prompt tokens the
+entry has cached on a pod with a free slot). The flow is chosen as above, so tenants' shares do not
+change; within it, the best-scoring of its first `window` entries goes (earliest on a tie), so a freed
+slot takes the request whose prefix that pod holds instead of sending the flow's oldest request to a
+cold prefill while its prefix's holder is busy. An entry is passed over at most `window` times: then it
+goes first, whatever the scores.
+
 Deadlines: an entry whose deadline has come (`now >= deadline`) is expired, never dispatched.
 Pure data structure: no I/O, no asyncio; the clock is the caller's `now`.
 """
@@ -19,7 +26,7 @@ Pure data structure: no I/O, no asyncio; the clock is the caller's `now`.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Literal
@@ -38,8 +45,10 @@ class Entry:
     enqueued: float
     deadline: float  # absolute, same clock as `enqueued` (inf: none)
     waiter: Any = None
+    route: Any = None  # the caller's routing state, for its `prefer` score
     seq: int = 0
     queued: bool = False
+    passed: int = 0  # times a later entry of its flow went first (bounded by `pop`'s window)
 
 
 @dataclass(slots=True, eq=False)
@@ -101,15 +110,44 @@ class FairQueue:
         self._dequeued(f, entry)
         return True
 
-    def pop(self, now: float) -> Entry | None:
+    def pop(
+        self, now: float, prefer: Callable[[Entry], float] | None = None, window: int = 1
+    ) -> Entry | None:
         """The next entry to dispatch (its cost charged to its flow), None when empty. Expired entries
-        are left for `expired`."""
+        are left for `expired`. With `prefer` and `window` > 1, the flow's best-scoring entry among its
+        first `window` (see the module docstring)."""
         f = self._next_flow(now)
         if f is None:
             return None
-        entry = f.entries.popleft()
+        entries = f.entries
+        if prefer is None or window <= 1 or len(entries) == 1:
+            entry = entries.popleft()
+        else:
+            entry = self._preferred(entries, prefer, window)
         self._dequeued(f, entry)
         f.counter += entry.cost / f.weight
+        return entry
+
+    @staticmethod
+    def _preferred(entries: deque[Entry], prefer: Callable[[Entry], float], window: int) -> Entry:
+        """Remove and return the best of the first `window` entries; an entry passed over `window`
+        times already goes first."""
+        head = [entries[i] for i in range(min(window, len(entries)))]
+        chosen = 0
+        for i, e in enumerate(head):
+            if e.passed >= window:
+                chosen = i
+                break
+        else:
+            best = prefer(head[0])
+            for i in range(1, len(head)):
+                score = prefer(head[i])
+                if score > best:
+                    chosen, best = i, score
+        for e in head[:chosen]:
+            e.passed += 1
+        entry = head[chosen]
+        del entries[chosen]
         return entry
 
     def expired(self, now: float) -> list[Entry]:

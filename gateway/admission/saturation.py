@@ -43,6 +43,13 @@ class Saturation:
                 return 0
         return max(0, limit)
 
+    def free_pods(self, pool: Pool) -> dict[Endpoint, int]:
+        """The pods that can start a request now and their free slots (healthy ones; all in panic)."""
+        eligible = [ep for ep in pool.endpoints if ep.role != "prefill"]
+        serving = [ep for ep in eligible if ep.healthy] or eligible
+        free = {ep: self.pod_slots(pool, ep) - ep.in_flight for ep in serving}
+        return {ep: n for ep, n in free.items() if n > 0}
+
     def free_slots(self, pool: Pool, admitted: int) -> int:
         """Requests the pool can take now, given `admitted` requests this gateway let through that
         have not finished."""

@@ -328,13 +328,18 @@ async def test_late_binding_routes_to_the_pod_that_gained_the_prefix_while_the_r
             assert (await call(http, gw, "warm up")).status == 200  # the pods connect to the event socket
             pool = next(iter(gw.admission.lanes))
             cache = pool.prefix_cache
-            pod0, pod1 = sorted(pool.endpoints, key=lambda ep: ep.url)
-            streams = [await open_stream(http, gw, words(50 + i, 5), 400) for i in range(4)]
-            by_pod = {
-                ep.url: [r for r in streams if r.headers["x-kvgate-endpoint"] == ep.url]
-                for ep in (pod0, pod1)
-            }
-            assert len(by_pod[pod0.url]) == len(by_pod[pod1.url]) == 2
+            controller = gw.admission
+            lane = controller.lanes[pool]
+            streams: list[aiohttp.ClientResponse] = []
+            while controller.saturation.free_slots(pool, lane.admitted) > 0:  # fill both pods
+                streams.append(await open_stream(http, gw, words(50 + len(streams), 5), 400))
+                assert len(streams) <= 6
+            on = {ep: [r for r in streams if r.headers["x-kvgate-endpoint"] == ep.url]
+                  for ep in pool.endpoints}
+            # the pod that will gain P has room in its batch (4 at the sim); the other frees a slot
+            pod1 = min(pool.endpoints, key=lambda ep: len(on[ep]))
+            (pod0,) = [ep for ep in pool.endpoints if ep is not pod1]
+            assert len(on[pod1]) < 4 and len(on[pod0]) >= 2
             waiting = spawn(call(http, gw, prefix + " question", max_tokens=2))
             await eventually(lambda: gw.queued() == 1, what="the request to queue")
             # pod 1 gains P while the request waits
@@ -352,7 +357,8 @@ async def test_late_binding_routes_to_the_pod_that_gained_the_prefix_while_the_r
                 what="the index to learn P on pod 1",
             )
             assert gw.queued() == 1
-            by_pod[pod0.url][0].close()  # a slot frees on pod 0
+            for r in on[pod0][: len(on[pod0]) - 1]:
+                r.close()  # a slot frees on pod 0
             answer = await waiting
             assert answer.status == 200
             assert answer.headers["x-kvgate-endpoint"] == pod1.url
@@ -441,3 +447,38 @@ async def test_tokenize_never_waits_behind_generation(http) -> None:
         for t in (*blockers, queued):
             t.cancel()
         await asyncio.gather(*blockers, queued, return_exceptions=True)
+
+
+@pytest.mark.parametrize("window", [8, 1])
+async def test_a_freed_slot_takes_the_queued_request_whose_prefix_that_pod_holds(http, window) -> None:
+    """Both pods full (1 slot each), one holding prefix A, the other B. One tenant queues a B request,
+    then an A request. A's pod frees its slot: the A request, though younger, goes first, to its warm
+    pod, instead of the B request prefilling B cold there. With `affinity_window: 1` (the contrast) the
+    oldest goes first, to the cold pod."""
+    admission = {"headroom_per_pod": 0, "affinity_window": window}  # slots: the policy's max_num_seqs
+    pa, pb = words(1, 320), words(2, 320)
+    params = {"seed": 1, "max_num_seqs": 1}
+    async with (
+        SimFleet(2, **SLOW, max_num_seqs=4) as fleet,
+        gateway(fleet.urls, admission, policy="cache_aware", params=params) as gw,
+    ):
+        sa = await open_stream(http, gw, pa + " first", 400)
+        sb = await open_stream(http, gw, pb + " first", 400)
+        pod_a, pod_b = sa.headers["x-kvgate-endpoint"], sb.headers["x-kvgate-endpoint"]
+        assert pod_a != pod_b
+        rb = spawn(call(http, gw, pb + " second", max_tokens=2))
+        await eventually(lambda: gw.queued() == 1, what="the B request to queue")
+        ra = spawn(call(http, gw, pa + " second", max_tokens=2))
+        await eventually(lambda: gw.queued() == 2, what="the A request to queue")
+        sa.close()  # A's pod frees its slot
+        first = await asyncio.wait({ra, rb}, return_when=asyncio.FIRST_COMPLETED)
+        done = first[0].pop()
+        answer: Answer = done.result()
+        assert answer.status == 200
+        if window > 1:
+            assert done is ra and answer.headers["x-kvgate-endpoint"] == pod_a
+        else:
+            assert done is rb and answer.headers["x-kvgate-endpoint"] == pod_a  # B prefilled cold
+        sb.close()
+        rest = await (rb if window > 1 else ra)
+        assert rest.status == 200

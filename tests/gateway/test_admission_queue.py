@@ -249,3 +249,61 @@ def test_the_learned_batch_size_of_cache_aware_is_the_limit() -> None:
     assert sat.free_slots(pool, 0) == 256  # nothing known yet: vLLM's default
     policy.ledger(ep)
     assert sat.free_slots(pool, 0) == 8
+
+
+# ---- cache affinity within a flow ----
+
+
+def scored(q: FairQueue, flow: str, scores: list[float]) -> list[Entry]:
+    out = []
+    for i, s in enumerate(scores):
+        e = entry(flow, at=float(i))
+        e.route = s  # the score `prefer` reads back
+        q.push(e)
+        out.append(e)
+    return out
+
+
+def by_route(e: Entry) -> float:
+    return e.route
+
+
+def test_a_freed_slot_takes_the_flow_s_entry_with_the_most_cached_within_the_window() -> None:
+    q = queue_with({"a": (1.0, 0)})
+    es = scored(q, "a", [0.0, 0.0, 500.0, 900.0, 2000.0])
+    assert q.pop(0.0, by_route, window=4) is es[3]  # es[4] scores best but lies outside the window
+    assert q.pop(0.0, by_route, window=4) is es[4]  # now inside it
+    assert q.pop(0.0, by_route, window=4) is es[2]
+    assert q.pop(0.0, by_route, window=4) is es[0]
+
+
+def test_equal_scores_go_oldest_first_and_window_1_is_strict_arrival_order() -> None:
+    q = queue_with({"a": (1.0, 0)})
+    es = scored(q, "a", [5.0, 5.0, 9.0])
+    assert q.pop(0.0, by_route, window=1) is es[0]
+    assert q.pop(0.0, by_route, window=8) is es[2]
+    assert q.pop(0.0, by_route, window=8) is es[1]
+
+
+def test_affinity_never_changes_which_flow_goes_next() -> None:
+    q = queue_with({"a": (1.0, 0), "b": (1.0, 0)})
+    scored(q, "a", [0.0, 0.0])
+    scored(q, "b", [0.0, 0.0])
+    q.flows["b"].counter = 50.0  # b has been served more: a goes next, however b's entries score
+    q.flows["b"].entries[1].route = 1e9
+    e = q.pop(0.0, by_route, window=8)
+    assert e is not None and e.flow == "a"
+
+
+def test_an_entry_is_passed_over_at_most_window_times() -> None:
+    window = 3
+    q = queue_with({"a": (1.0, 0)})
+    (cold,) = scored(q, "a", [0.0])
+    passes = 0
+    while True:
+        scored(q, "a", [100.0])  # always a warmer request behind it
+        if q.pop(0.0, by_route, window=window) is cold:
+            break
+        passes += 1
+        assert passes <= window
+    assert passes == window
