@@ -1,7 +1,9 @@
 """The gateway application: state, middlewares, routes, and one cleanup_ctx entry per long-lived
 resource (upstream client session + proxy, the P/D flow, routing policies, Kubernetes pod discovery,
-health checker, LoRA adapter poller, metrics scraper, the summary log of refused requests), set up in
-this order and torn down in reverse."""
+health checker, LoRA adapter poller, metrics scraper, the summary log of refused requests, admission,
+the access log and tracer, the config file poll of live reload), set up in this order and torn down
+in reverse. Background tasks read the pools through the one `Pools` object, so a reload's pools and
+endpoints reach them at once."""
 
 from __future__ import annotations
 
@@ -23,24 +25,26 @@ from gateway.admission.controller import ADMISSION, AdmissionController
 from gateway.admission.tenants import tenant_api_keys
 from gateway.auth import OPEN_PATHS, auth_middleware, load_api_keys
 from gateway.config import GatewayConfig
+from gateway.discovered import PoolWatchers
 from gateway.errors import GatewayError
 from gateway.handlers import CALL_KEY, REQUEST_ID_KEY, add_routes
 from gateway.health import HealthChecker, HealthTracker
 from gateway.metrics import GatewayMetrics
-from gateway.pd_flow import PDFlow, PDMetrics
+from gateway.pd_flow import enable_pd
 from gateway.periodic import rounds
 from gateway.pools import build_pools
 from gateway.proxy import X_REQUEST_ID, Proxy, ProxyCall
 from gateway.rejections import REJECTIONS, ProtocolLog, Rejections
+from gateway.reload import RELOADER, ConfigSource, Reloader, reload_ctx
 from gateway.request_body import SERVER_ARGS
 from gateway.scraper import MetricsScraper
 from gateway.state import PROXY, SESSION, STATE, GatewayState
 from gateway.target import TARGET_KEY, resolve_target
 from gateway.tracing import TRACE_KEY, TRACER, Tracer
 from router.discovery import kubernetes as kube_discovery
-from router.discovery.metrics import DiscoveryMetrics
 
 log = logging.getLogger("kvgate.app")
+WATCHERS = web.AppKey("kvgate_pool_watchers", PoolWatchers)
 
 # Below uvicorn's default keep-alive (5 s), so the gateway never reuses a connection the pod is closing.
 UPSTREAM_KEEPALIVE_S = 4.0
@@ -49,10 +53,12 @@ _USABLE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def build_app(
-    config: GatewayConfig, *, registry: CollectorRegistry | None = None, span_exporter: object = None
+    config: GatewayConfig, *, registry: CollectorRegistry | None = None, span_exporter: object = None,
+    source: ConfigSource | None = None,
 ) -> web.Application:
     """A ready-to-run gateway app. Raises (PolicyError, OSError for a missing key file,
-    TracingUnavailable) on bad config. `span_exporter`: where spans go instead of tracing.exporter."""
+    TracingUnavailable) on bad config. `span_exporter`: where spans go instead of tracing.exporter.
+    `source`: where a reload (app[RELOADER], gateway/reload.py) reads the config again."""
     registry = registry if registry is not None else CollectorRegistry()
     pools = build_pools(config, registry)
     metrics = GatewayMetrics(registry, pools.endpoints)
@@ -67,9 +73,8 @@ def build_app(
         api_keys=api_keys,
         started=int(time.time()),
     )
-    middlewares = [openai_errors_and_accounting]
-    if api_keys:
-        middlewares.append(auth_middleware(api_keys))
+    # always installed, keys read per request: a reload may turn authentication on, off, or rotate keys
+    middlewares = [openai_errors_and_accounting, auth_middleware(lambda: state.api_keys)]
     rejections = Rejections(registry)
     tracer = Tracer(config.tracing, exporter=span_exporter) if config.tracing.enabled else None
     if tracer is not None:
@@ -92,11 +97,12 @@ def build_app(
     if config.admission is not None:
         app[ADMISSION] = AdmissionController(config, pools, registry, keys_checked=bool(api_keys))
         app.on_shutdown.append(admission_drain)
-    app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, health_ctx, adapters_ctx, scraper_ctx,
-                            rejections_ctx, admission_ctx, observability_ctx])
     if any(spec.discovery == "kubernetes" for spec in config.pools):
         check_discovery(config)
-        app.cleanup_ctx.insert(app.cleanup_ctx.index(policies_ctx) + 1, discovery_ctx)
+    app[WATCHERS] = PoolWatchers(pools, registry)
+    app[RELOADER] = Reloader(app, source, app[WATCHERS])
+    app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, discovery_ctx, health_ctx, adapters_ctx,
+                            scraper_ctx, rejections_ctx, admission_ctx, observability_ctx, reload_ctx])
     return app
 
 
@@ -300,13 +306,11 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def pd_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Prefill/decode disaggregation: wrap the proxy's attempt when some pool has prefill pods."""
-    state = app[STATE]
-    pd_models = [pool.model for pool in state.pools if pool.pd is not None]
+    """Prefill/decode disaggregation: wrap the proxy's attempt when some pool has prefill pods (or,
+    later, when a config reload brings one: gateway.pd_flow.enable_pd)."""
+    pd_models = [pool.model for pool in app[STATE].pools if pool.pd is not None]
     if pd_models:
-        proxy = app[PROXY]
-        metrics = PDMetrics(state.metrics.registry, pd_models)
-        proxy.attempt = PDFlow(proxy.attempt, app[SESSION], metrics, state.health).attempt
+        enable_pd(app, pd_models)
     yield
 
 
@@ -336,16 +340,13 @@ def check_discovery(config: GatewayConfig) -> None:
 
 
 async def discovery_ctx(app: web.Application) -> AsyncIterator[None]:
-    """A pod watcher per `discovery: kubernetes` pool, after the prefix caches (so they see every pod
-    join) and before the first health round; the first pod lists are waited for before serving."""
-    state = app[STATE]
-    watched = []
-    for spec in state.config.pools:
-        pool = state.pools.by_model[spec.model]
-        if spec.kubernetes is not None:
-            watched.append(kube_discovery.WatchedPool(spec.model, spec.kubernetes, pool.update_endpoints))
-    async with kube_discovery.watch_pools(watched, DiscoveryMetrics(state.metrics.registry)):
-        yield
+    """A pod watcher per `discovery: kubernetes` pool (gateway.discovered; a reload adds and stops
+    them), after the prefix caches (so they see every pod join) and before the first health round;
+    the first pod lists are waited for before serving."""
+    watchers = app[WATCHERS]
+    await watchers.sync(app[STATE].config.pools)
+    yield
+    await watchers.close()
 
 
 async def health_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -35,13 +35,19 @@ def key_matches(presented: bytes, keys: tuple[bytes, ...]) -> bool:
     return found
 
 
-def auth_middleware(keys: tuple[bytes, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+def auth_middleware(
+    current_keys: Callable[[], tuple[bytes, ...]],
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Checks each request against `current_keys()` (read per request, so a config reload rotates
+    keys at once); no keys: every request passes."""
+
     @web.middleware
     async def check_api_key(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        keys = current_keys()
         target = request.get(TARGET_KEY)  # resolved by the outer middleware; decoded and checked
-        if target is None or target.path not in OPEN_PATHS:
+        if keys and (target is None or target.path not in OPEN_PATHS):
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not key_matches(token.strip().encode(), keys):
                 raise unauthorized()

@@ -107,6 +107,14 @@ class Scrape:
 
 
 @dataclass(slots=True)
+class Reload:
+    """Live reload (gateway/reload.py): SIGHUP, or a change of the --config file or auth.api_keys_file
+    seen by polling their content, applies the new config without dropping requests."""
+
+    interval: float = 5.0  # seconds between checks of the files for a change; 0: only on SIGHUP
+
+
+@dataclass(slots=True)
 class EndpointSpec:
     url: str
     role: Role = "both"
@@ -216,6 +224,7 @@ class GatewayConfig:
     forwarded: Forwarded = field(default_factory=Forwarded)
     logs: Logs = field(default_factory=Logs)
     tracing: Tracing = field(default_factory=Tracing)
+    reload: Reload = field(default_factory=Reload)
     admission: Admission | None = None  # None: no admission control (every request dispatched at once)
     # other names clients may use for a pool's model or adapter (alias -> served name); the pod is sent
     # the served name, and lists it in its answer
@@ -273,6 +282,8 @@ def validate(cfg: GatewayConfig) -> None:
         raise ValueError("logs: access_refused_per_interval must be >= 0, access_queue at least 1")
     if not 0.0 <= cfg.tracing.sample_ratio <= 1.0:
         raise ValueError("tracing.sample_ratio must be in [0, 1]")
+    if cfg.reload.interval < 0:
+        raise ValueError("reload.interval must be >= 0 (0: reload only on SIGHUP)")
     models = set()
     for pool in cfg.pools:
         if pool.model in models:

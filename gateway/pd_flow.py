@@ -26,12 +26,14 @@ from typing import Any, Final
 
 import aiohttp
 import orjson
+from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from gateway.health import HealthTracker
 from gateway.metrics import TTFT_BUCKETS, _Children
 from gateway.proxy import Attempt, ProxyCall, UpstreamReply, charged_tokens
+from gateway.state import PROXY, SESSION, STATE
 from gateway.target import TARGET_KEY
 from router.pd import GENERATION_PATHS, OUTCOMES, Outcome, PDRouter
 from router.policy import Decision
@@ -80,7 +82,11 @@ class PDMetrics:
                 registry=registry,
             )
         )
-        for model in models:  # every outcome visible from the start, at 0
+        self.init_models(models)
+
+    def init_models(self, models: list[str]) -> None:
+        """Every outcome of these pools visible from the start, at 0."""
+        for model in models:
             for outcome in OUTCOMES:
                 self.decisions(model, outcome)
 
@@ -246,3 +252,20 @@ class PDFlow:
 
     def _count(self, call: ProxyCall, outcome: Outcome) -> None:
         self.metrics.decisions(call.pool.model, outcome).inc()
+
+
+PD_FLOW = web.AppKey("kvgate_pd_flow", PDFlow)
+
+
+def enable_pd(app: web.Application, models: list[str]) -> None:
+    """Pools `models` split prefill and decode: wrap the proxy's attempt in a PDFlow (once; at startup
+    or when a config reload brings the first P/D pool), with their metrics."""
+    flow = app.get(PD_FLOW)
+    if flow is not None:
+        flow.metrics.init_models(models)
+        return
+    state = app[STATE]
+    proxy = app[PROXY]
+    flow = app[PD_FLOW] = PDFlow(proxy.attempt, app[SESSION], PDMetrics(state.metrics.registry, models),
+                                 state.health)
+    proxy.attempt = flow.attempt

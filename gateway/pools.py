@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from gateway.config import GatewayConfig, PDSpec, PoolSpec
+from gateway.config import EndpointSpec, GatewayConfig, PDSpec, PoolSpec
 from prefixindex.tokenizer import load_tokenizer
 from router.endpoint import Endpoint
 from router.pd import PDRouter, VersionCompatibility, is_pd_pool
@@ -73,6 +73,14 @@ class Pools:
         self._refused: set[tuple[str, str]] = set()
         self._reindex()
 
+    def replace(self, pools: list[Pool], aliases: dict[str, str]) -> None:
+        """Serve `pools` and `aliases` from now on (a config reload), in one step: a request picks its
+        pool either before or after, and in-flight ones keep the Pool they hold."""
+        self.by_model = {p.model: p for p in pools}
+        self.aliases = dict(aliases)
+        self._refused = {(model, name) for model, name in self._refused if model in self.by_model}
+        self._reindex()
+
     def __iter__(self) -> Iterator[Pool]:
         return iter(self.by_model.values())
 
@@ -121,33 +129,42 @@ class Pools:
             yield from pool.endpoints
 
 
+def build_endpoint(spec: EndpointSpec, model: str) -> Endpoint:
+    return Endpoint(
+        url=spec.url,
+        model=model,
+        role=spec.role,
+        version=spec.version,
+        weight=spec.weight,
+        kv_events=spec.kv_events,
+        kv_events_replay=spec.kv_events_replay,
+    )
+
+
 def build_pool(spec: PoolSpec, registry: CollectorRegistry, seed: int | None) -> Pool:
     """Endpoints, prefix cache and policy of one pool; a bad policy name or parameter raises
     router.registry.PolicyError."""
-    endpoints = [
-        Endpoint(
-            url=e.url,
-            model=spec.model,
-            role=e.role,
-            version=e.version,
-            weight=e.weight,
-            kv_events=e.kv_events,
-            kv_events_replay=e.kv_events_replay,
-        )
-        for e in spec.endpoints
-    ]
+    endpoints = [build_endpoint(e, spec.model) for e in spec.endpoints]
+    policy, cache = build_routing(spec, registry, seed)
+    pd = build_pd_router(spec, endpoints)
+    return Pool(spec.model, spec.policy.name, policy, endpoints, pd, cache, adapters=frozenset(spec.adapters))
+
+
+def build_routing(
+    spec: PoolSpec, registry: CollectorRegistry, seed: int | None, reuse: PrefixCache | None = None
+) -> tuple[Policy, PrefixCache | None]:
+    """The pool's policy and the prefix cache it ranks with (`reuse`: a running cache kept when its
+    settings are unchanged, see router.registry.build_prefix_cache); PolicyError on bad params."""
     name = spec.policy.name
     cache, params = build_prefix_cache(
         name, spec.policy.params, model=spec.model, registry=registry,
-        tokenizer=spec.tokenizer, block_size=spec.block_size,
+        tokenizer=spec.tokenizer, block_size=spec.block_size, reuse=reuse,
     )  # fmt: skip
     ctx = PolicyContext(model=spec.model, registry=registry, seed=seed, prefix_cache=cache)
-    policy = build_policy(name, params, ctx)
-    pd = build_pd_router(spec, endpoints)
-    return Pool(spec.model, name, policy, endpoints, pd, cache, adapters=frozenset(spec.adapters))
+    return build_policy(name, params, ctx), cache
 
 
-def build_pd_router(spec: PoolSpec, endpoints: list[Endpoint]) -> PDRouter | None:
+def build_pd_router(spec: PoolSpec, endpoints: Sequence[Endpoint]) -> PDRouter | None:
     """The pool's P/D decision when it has prefill pods (defaults unless `pd:` is configured)."""
     if spec.pd is None and not is_pd_pool(endpoints):
         return None

@@ -2,7 +2,9 @@
 
 Once listening it prints one line to stdout, `KVGATE_SERVE_READY {"url": ...}`, so launchers using
 `--port 0` learn the OS-chosen port. SIGTERM/SIGINT stop accepting connections and let in-flight
-requests finish for up to timeouts.shutdown seconds.
+requests finish for up to timeouts.shutdown seconds. SIGHUP (and, with --config, a change of the
+file) reloads the config as it was read at startup, flags and KVGATE_* variables included
+(gateway/reload.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gateway.config import (
     Role,
     load_config,
 )
+from gateway.reload import RELOADER, ConfigSource
 from gateway.runner import app_runner
 from router.prefix_cache import DEFAULT_BLOCK_SIZE
 from router.registry import POLICIES, PolicyError
@@ -289,9 +292,9 @@ async def discover_model(url: str) -> str:
     return str(data["data"][0]["id"])
 
 
-async def serve(config: GatewayConfig) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    app = build_app(config)
+async def serve(config: GatewayConfig, source: ConfigSource | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully; SIGHUP reloads the config from `source`."""
+    app = build_app(config, source=source)
     runner = app_runner(
         app, handler_cancellation=True, shutdown_timeout=config.timeouts.shutdown, access_log=None
     )
@@ -308,6 +311,7 @@ async def serve(config: GatewayConfig) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, app[RELOADER].trigger, "SIGHUP")
         await stop.wait()
         log.info("shutting down: finishing in-flight requests (up to %.0f s)", config.timeouts.shutdown)
     finally:
@@ -328,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         listener = setup_logging(args.log_level, config.logs.format)  # off the event loop from here on
         try:
-            runner(serve(config))
+            runner(serve(config, ConfigSource(lambda: config_from_args(args), args.config)))
         finally:
             listener.stop()
     except (ValueError, PolicyError, OSError, aiohttp.ClientError) as exc:

@@ -16,8 +16,10 @@ keep the state they read current. The gateway calls, per request and in this ord
                                    the whole answer reached the client)
 
 and, per pool, `start(endpoints)` at startup, `endpoints_changed(added, removed)` when discovery or
-config changes the pool, `close()` at shutdown. A P/D request runs the hooks for its prefill step too
-(pick over the prefill pods, on_routed, on_finished), nested inside the decode attempt's.
+config changes the pool, `endpoints_reweighted(endpoints)` when a config reload changed weights,
+`close()` at shutdown (or when a reload replaced the policy: hooks of requests it routed may
+follow). A P/D request runs the hooks for its prefill step too (pick over the prefill pods,
+on_routed, on_finished), nested inside the decode attempt's.
 
 Per-request state is typed (`RouteRequest.state`, router/route_state.py). A policy whose class sets
 `uses_prefix_cache = True` gets the pool's `PrefixCache` (router/prefix_cache.py) in
@@ -118,6 +120,10 @@ class Policy(ABC):
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """The pool gained or lost endpoints; drop state held for removed ones."""
+
+    def endpoints_reweighted(self, endpoints: Sequence[Endpoint]) -> None:
+        """A config reload changed these endpoints' `weight` (in place); a policy caching weights
+        rebuilds what it derived from them."""
 
     async def close(self) -> None:
         """Stop background work."""

@@ -74,9 +74,12 @@ def build_prefix_cache(
     registry: CollectorRegistry,
     tokenizer: str | None = None,
     block_size: int | None = None,
+    reuse: PrefixCache | None = None,
 ) -> tuple[PrefixCache | None, dict[str, Any]]:
     """The prefix cache policy `name` needs (None when its class uses none) and the params left for the
-    policy. `tokenizer` and `block_size` are the pool's defaults. Bad cache parameters: PolicyError."""
+    policy. `tokenizer` and `block_size` are the pool's defaults. `reuse`: a running cache, returned
+    as it is (its index kept) when its settings equal the new ones (a config reload that changed only
+    the policy's own params). Bad cache parameters: PolicyError."""
     if not policy_class(name).uses_prefix_cache:
         return None, dict(params)
     from router.prefix_cache import PrefixCache, PrefixCacheConfig, split_params  # only when needed
@@ -84,6 +87,8 @@ def build_prefix_cache(
     cache_params, rest = split_params(params)
     try:
         config = PrefixCacheConfig.from_params(cache_params, tokenizer=tokenizer, block_size=block_size)
+        if reuse is not None and reuse.model == model and reuse.config == config:
+            return reuse, rest
         return PrefixCache(model, config, registry=registry), rest
     except (TypeError, ValueError) as exc:
         raise PolicyError(f"policy {name!r}: {exc}") from exc

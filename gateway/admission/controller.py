@@ -134,6 +134,24 @@ class AdmissionController:
         self._wake = asyncio.Event()
         self._drain_handle: asyncio.TimerHandle | None = None
 
+    def pools_changed(self, pools: Pools, tokenizers: Mapping[str, str | None]) -> None:
+        """A config reload changed the pools: lanes follow them by model, so a pool rebuilt with a new
+        policy keeps its queue (requests queued before are routed by the pool they hold); a new pool
+        gets a lane; a removed pool's lane is dropped (its admitted requests release into it)."""
+        by_model = {lane.pool.model: lane for lane in self.lanes.values()}
+        lanes: dict[Pool, Lane] = {}
+        for pool in pools:
+            lane = by_model.get(pool.model)
+            if lane is None:
+                lane = Lane(pool, self.config, tokenizers.get(pool.model))
+                for t in self.tenants:
+                    lane.queue.flow(t.name, t.spec.weight, t.spec.priority)
+            elif lane.tokenizer_path != tokenizers.get(pool.model):
+                lane.tokenizer_path, lane._tokenizer = tokenizers.get(pool.model), None
+            lane.pool = pool
+            lanes[pool] = lane
+        self.lanes = lanes
+
     # ---- the request path ---------------------------------------------------------------------
 
     async def admit(self, call: ProxyCall) -> Ticket:

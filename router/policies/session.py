@@ -90,6 +90,9 @@ class SessionPolicy(Policy):
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         self._ring.update(add=added, remove=removed)
 
+    def endpoints_reweighted(self, endpoints: Sequence[Endpoint]) -> None:
+        self._ring.update()  # the same members, their points counted again from the new weights
+
     def pick(self, request: RouteRequest, candidates: Sequence[Endpoint]) -> Decision:
         key = request.session_key or request.headers.get(self.header)
         if not key:
