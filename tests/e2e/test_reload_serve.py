@@ -149,7 +149,8 @@ async def test_sighup_adds_and_removes_pods_under_a_stream_and_a_file_edit_needs
     await gw.reload(http, config([p0, p1, p2], policy))  # SIGHUP: a pod joins
     await eventually(lambda: _has(http, gw, p2), within=10, what="p2 to get traffic")
 
-    body = {"model": MODEL, "prompt": "a long answer", "max_tokens": STREAM_TOKENS, "stream": True}
+    prompt = "a long answer to " + "a long question " * 30  # blocks recorded on the pod it goes to
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": STREAM_TOKENS, "stream": True}
     async with http.post(f"{gw.url}/v1/completions", json=body) as resp:  # in flight across the reload
         assert resp.status == 200
         busy = resp.headers["x-kvgate-endpoint"]
