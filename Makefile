@@ -8,7 +8,7 @@ export KVGATE_VLLM_VENV
 # The lowest versions pyproject allows (test-lowest): a throwaway venv, rebuilt on every run.
 LOWEST_VENV ?= .venv-lowest
 
-.PHONY: demo test test-fast test-vllm test-lowest lint vllm clean
+.PHONY: demo test test-fast test-vllm test-lowest lint schemas vllm clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test-lowest:
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+
+## after a change to the config structs: the config's JSON Schema and the Helm chart's values schema (embeds it)
+schemas: $(BIN)/.installed
+	$(BIN)/python -m gateway.config_schema > config/kvgate.schema.json
+	$(BIN)/python scripts/helm_values_schema.py > config/helm/kvgate/values.schema.json
 
 vllm:
 	@bash scripts/install-vllm.sh "$(KVGATE_VLLM_VENV)"

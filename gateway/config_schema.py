@@ -9,8 +9,8 @@ in step.
 
     python -m gateway.config_schema > config/kvgate.schema.json
 
-The Helm chart's values.schema.json embeds this schema: regenerate it too after a config change
-(`python scripts/helm_values_schema.py > config/helm/kvgate/values.schema.json`; tests/test_helm_chart.py).
+The Helm chart's values.schema.json embeds this schema: after a config change `make schemas` writes
+both (scripts/helm_values_schema.py for the chart's; tests/test_helm_chart.py checks it).
 """
 
 from __future__ import annotations

@@ -488,7 +488,7 @@ def _values_schema_module() -> Any:
 def test_the_shipped_values_schema_is_the_generated_one(chart: Any) -> None:
     stale = (
         "config/helm/kvgate/values.schema.json is not what the gateway config's structs generate: "
-        "python scripts/helm_values_schema.py > config/helm/kvgate/values.schema.json"
+        "make schemas (python scripts/helm_values_schema.py > config/helm/kvgate/values.schema.json)"
     )
     assert (
         json.loads((CHART / "values.schema.json").read_text())

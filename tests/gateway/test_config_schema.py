@@ -18,7 +18,7 @@ from gateway.config_schema import config_schema
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "config" / "kvgate.schema.json"
 EXAMPLE = ROOT / "config" / "kvgate.example.yaml"
-REGENERATE = "python -m gateway.config_schema > config/kvgate.schema.json"
+REGENERATE = "make schemas (python -m gateway.config_schema > config/kvgate.schema.json, and the chart's)"
 
 
 def example() -> dict[str, Any]:
