@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import build_app
 from gateway.config import GatewayConfig, config_from_mapping
+from gateway.reload import LIVE_SECTIONS
 from router.discovery.pods import label_safe, pod_endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,6 +210,7 @@ def test_the_rendered_gateway_config_builds_a_gateway_listening_where_its_pod_sa
     assert pod["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert pod["args"][:3] == ["serve", "--config", "/etc/kvgate/kvgate.yaml"]
     (mount,) = [m for m in pod["volumeMounts"] if m["mountPath"] == "/etc/kvgate"]
+    assert "subPath" not in mount  # a subPath mount never sees a ConfigMap update: no live reload
     volumes = {v["name"]: v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes[mount["name"]]["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
     service = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"] == RELEASE)
@@ -253,15 +255,30 @@ def _checksum(chart: Any, values: dict[str, Any]) -> str:
     ]
 
 
-def test_a_config_change_rolls_the_pods_and_nothing_else_does(chart: Any) -> None:
+def test_a_change_the_gateway_reloads_live_keeps_the_pods_any_other_rolls_them(chart: Any) -> None:
     base = _checksum(chart, {})
     assert re.fullmatch(r"[0-9a-f]{64}", base)
     assert _checksum(chart, {}) == base
     assert _checksum(chart, {"replicas": 5, "podLabels": {"x": "y"}}) == base
-    assert _checksum(chart, {"config": {"retries": {"max_retries": 3}}}) != base
-    assert _checksum(chart, VALUE_SETS["vllm"]) != base  # 2 pods instead of 3
-    # the same file by another route (the fleet's pods listed by the chart) rolls nothing
-    assert _checksum(chart, {"pools": UNLISTED_POOL, "vllm": {"enabled": True}}) == base
+    # applied by the running gateways when the mounted ConfigMap changes (gateway/reload.py)
+    assert gateway_config(render(chart, VALUE_SETS["vllm"])) != gateway_config(render(chart, {}))
+    assert _checksum(chart, VALUE_SETS["vllm"]) == base  # 2 pods instead of 3
+    assert _checksum(chart, {"config": {"retries": {"max_retries": 3}}}) == base
+    assert _checksum(chart, {"config": {"aliases": {"llama": MODEL}}}) == base
+    # sections that need a restart
+    assert _checksum(chart, {"config": {"timeouts": {"read": 300}}}) != base
+    assert _checksum(chart, {"config": {"admission": {"order": "fifo"}}}) != base
+    # no polling of the file: every change rolls the pods
+    for interval, rolls in ((0, True), (0.5, False)):  # the boundary: any polling reloads live
+        polling = {"config": {"reload": {"interval": interval}}}
+        changed = _checksum(chart, {**polling, **VALUE_SETS["vllm"]}) != _checksum(chart, polling)
+        assert changed is rolls, interval
+
+
+def test_the_charts_live_sections_are_the_gateways() -> None:
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    (omitted,) = re.findall(r'omit \$cfg ((?:"\w+" ?)+)', helpers)
+    assert set(re.findall(r'"(\w+)"', omitted)) == LIVE_SECTIONS
 
 
 def test_discovery_watches_the_vllm_pods_with_only_pod_read_rights(chart: Any) -> None:

@@ -145,9 +145,28 @@ StatefulSet's pods when vllm.enabled, else the chart refuses to render.
   emptyDir: {}
 {{- end }}
 
-{{/* Pod annotations: the config's checksum (a change rolls the pods) and Prometheus' scrape hints. */}}
+{{/*
+What of the config a change of must roll the pods. kvgate reloads its config file when its content
+changes (reload.interval, 5 s; the kubelet updates a mounted ConfigMap within about a minute), and
+applies these sections live (gateway/reload.py LIVE_SECTIONS): a change there keeps the pods, their
+prefix index and learned rates. The other sections need a restart, and so does any change when
+reload.interval is 0 (no polling).
+*/}}
+{{- define "kvgate.restartConfig" -}}
+{{- $cfg := include "kvgate.config" . | fromYaml }}
+{{- $interval := 5.0 }}
+{{- if and (hasKey $cfg "reload") (hasKey ($cfg.reload | default dict) "interval") }}
+{{- $interval = $cfg.reload.interval | float64 }}
+{{- end }}
+{{- if gt $interval 0.0 }}
+{{- $cfg = omit $cfg "pools" "aliases" "auth" "retries" "forwarded" "reload" }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* Pod annotations: the checksum of what needs a restart (a change rolls the pods), Prometheus' hints. */}}
 {{- define "kvgate.podAnnotations" -}}
-checksum/config: {{ include "kvgate.config" . | sha256sum }}
+checksum/config: {{ include "kvgate.restartConfig" . | sha256sum }}
 {{- if .Values.prometheusAnnotations }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ include "kvgate.port" . | quote }}
