@@ -1,8 +1,8 @@
 """The gateway application: state, middlewares, routes, and one cleanup_ctx entry per long-lived
-resource (upstream client session + proxy, the P/D flow, routing policies, Kubernetes pod discovery,
-health checker, LoRA adapter poller, metrics scraper, the summary log of refused requests, admission,
-the access log and tracer, the config file poll of live reload), set up in this order and torn down
-in reverse. Background tasks read the pools through the one `Pools` object, so a reload's pools and
+resource (upstream client session + proxy, the P/D flow, routing policies, replica sync, Kubernetes
+pod discovery, health checker, LoRA adapter poller, metrics scraper, the summary log of refused
+requests, admission, the access log and tracer, the config file poll of live reload), set up in this
+order and torn down in reverse. Background tasks read the pools through the one `Pools` object, so a reload's pools and
 endpoints reach them at once."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from gateway.pools import build_pools
 from gateway.proxy import X_REQUEST_ID, Proxy, ProxyCall
 from gateway.rejections import REJECTIONS, ProtocolLog, Rejections
 from gateway.reload import RELOADER, ConfigSource, Reloader, reload_ctx
+from gateway.replicas import check_replicas, replicas_ctx
 from gateway.request_body import SERVER_ARGS
 from gateway.scraper import MetricsScraper
 from gateway.state import PROXY, SESSION, STATE, GatewayState
@@ -103,6 +104,9 @@ def build_app(
     app[RELOADER] = Reloader(app, source, app[WATCHERS])
     app.cleanup_ctx.extend([upstream_ctx, pd_ctx, policies_ctx, discovery_ctx, health_ctx, adapters_ctx,
                             scraper_ctx, rejections_ctx, admission_ctx, observability_ctx, reload_ctx])
+    if config.replicas is not None:
+        check_replicas()
+        app.cleanup_ctx.insert(app.cleanup_ctx.index(policies_ctx) + 1, replicas_ctx)
     return app
 
 

@@ -24,6 +24,7 @@ OPTIONAL_MODULES: dict[str, str] = {
     "matplotlib": "bench",
     "locust": "bench",
     "kubernetes_asyncio": "kubernetes",
+    "redis": "redis",
 }
 EXIT_USAGE = 2
 

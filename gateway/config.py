@@ -19,6 +19,7 @@ import yaml
 from router.discovery.config import KubernetesDiscovery, validate_kubernetes
 from router.endpoint import Role
 from router.pd import DEFAULT_PREFILL_TIMEOUT_S, DEFAULT_THRESHOLD_TOKENS
+from router.replicas.config import ReplicasConfig, validate_replicas
 
 
 @dataclass(slots=True)
@@ -226,6 +227,8 @@ class GatewayConfig:
     tracing: Tracing = field(default_factory=Tracing)
     reload: Reload = field(default_factory=Reload)
     admission: Admission | None = None  # None: no admission control (every request dispatched at once)
+    # replicas behind one load balancer share prefix learning and load through Redis (router/replicas)
+    replicas: ReplicasConfig | None = None
     # other names clients may use for a pool's model or adapter (alias -> served name); the pod is sent
     # the served name, and lists it in its answer
     aliases: dict[str, str] = field(default_factory=dict)
@@ -302,6 +305,8 @@ def validate(cfg: GatewayConfig) -> None:
     validate_adapters(cfg.pools)
     if cfg.admission is not None:
         validate_admission(cfg.admission)
+    if cfg.replicas is not None:
+        validate_replicas(cfg.replicas)
     validate_aliases(cfg.aliases, cfg.pools)
 
 

@@ -37,6 +37,7 @@ from gateway.reload import RELOADER, ConfigSource
 from gateway.runner import app_runner
 from router.prefix_cache import DEFAULT_BLOCK_SIZE
 from router.registry import POLICIES, PolicyError
+from router.replicas.config import ReplicasConfig
 
 log = logging.getLogger("kvgate.serve")
 READY_PREFIX = "KVGATE_SERVE_READY"
@@ -171,6 +172,10 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
     add(tune, "--api-keys-env", "environment variable with comma-separated API keys",
         shown="no API keys: open")
     add(tune, "--seed", "seed for the policies' random choices", type=int, shown="random")
+    scale = parser.add_argument_group("scale out")
+    add(scale, "--redis-url", "replicas share prefix learning and load through this Redis "
+        "(replicas.redis_url; needs the redis extra)", metavar="redis://HOST:PORT[/DB]",
+        shown="none: each replica learns alone")
     add(parser, "--log-level", "Python logging level", default="INFO")
     add(parser, "--access-log", "one line per request on stdout (logs.access)",
         action=argparse.BooleanOptionalAction, shown="on")
@@ -278,6 +283,9 @@ def _apply_overrides(c: GatewayConfig, a: argparse.Namespace) -> None:
     for value, section, name in overrides:
         if value is not None:
             setattr(section, name, value)
+    if a.redis_url:
+        c.replicas = c.replicas or ReplicasConfig()
+        c.replicas.redis_url = a.redis_url
     c.__post_init__()  # re-validate with the overrides
 
 

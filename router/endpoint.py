@@ -9,6 +9,16 @@ from typing import Literal
 Role = Literal["both", "prefill", "decode"]
 
 
+@dataclass(slots=True, frozen=True)
+class PeerLoad:
+    """What the other gateway replicas have in flight on one pod, summed from their latest summaries
+    (router/replicas); fresher than a scrape, and it says which of that work is still prefilling."""
+
+    prefilling: int = 0  # their requests sent there whose first byte has not come back
+    decoding: int = 0  # their requests past the first byte
+    prefill_tokens: int = 0  # uncached prompt tokens of their prefilling requests
+
+
 @dataclass(slots=True, eq=False)
 class Endpoint:
     """One vLLM pod serving one model.
@@ -38,6 +48,7 @@ class Endpoint:
     num_gpu_blocks: int | None = None  # from vllm:cache_config_info
     last_scrape: float = 0.0
     in_flight_at_scrape: int = 0  # in_flight when the last scrape was taken (other gateways' work: the rest)
+    peer_load: PeerLoad | None = None  # other replicas' work there (router/replicas); None: not known
     labels: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -14,6 +14,10 @@ Per request (no I/O; state lives in the request's `RouteState`):
     forget(state, ep)        the attempt on `ep` failed: take back what `record` added for `ep` only
     count_routed(decision)   hit-ratio and decision metrics
 
+Replicas (router/replicas): in approximate mode each `record` and `forget` on the index is also handed
+to `shared` (a SharedLearning, set by the replica sync), which tells the other replicas, and their
+records come back through `learn_shared`, so replicas behind one load balancer learn as one.
+
 Index modes (`index:`): `approximate` records the prompt's blocks on the chosen pod when a request is
 routed, with a per-pod LRU capacity (`capacity`, else the pod's scraped `num_gpu_blocks`, else 31,250
 blocks); `precise` follows each pod's KV events (Endpoint.kv_events / kv_events_replay), plus a small
@@ -31,7 +35,7 @@ import logging
 from collections import Counter
 from collections.abc import Coroutine, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
@@ -117,6 +121,17 @@ class PrefixCacheConfig:
         return cls(**p)
 
 
+class SharedLearning(Protocol):
+    """Where an approximate index's own learning goes besides itself (the replica sync). Called on the
+    request path: must not block (queue and return)."""
+
+    def routed(self, model: str, pod: str, block_size: int, keys: Sequence[int]) -> None:
+        """`pod` (an endpoint URL) was sent the prompt of `keys` to prefill."""
+
+    def forgotten(self, model: str, pod: str, block_size: int, keys: Sequence[int]) -> None:
+        """The attempt on `pod` failed: `keys`, which its `routed` added, are not there after all."""
+
+
 def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A policy's params split into (the prefix cache's, the policy's own)."""
     cache = {k: v for k, v in params.items() if k in PREFIX_CACHE_PARAMS}
@@ -145,6 +160,8 @@ class PrefixCache:
         self.pending = BlockIndex()  # precise mode: routed, not yet confirmed by an event
         self.trackers: dict[Endpoint, PodEventTracker] = {}  # precise mode: pods followed by events
         self._endpoints: list[Endpoint] = []
+        self._by_url: dict[str, Endpoint] = {}
+        self.shared: SharedLearning | None = None  # approximate mode: the replica sync, when configured
         self._subscriber: KVEventSubscriber | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics: IndexMetrics | None = index_metrics(registry) if registry is not None else None
@@ -262,6 +279,8 @@ class PrefixCache:
         held = target.match(keys, [ep]).get(ep, 0)
         target.insert(ep, keys)
         state.recorded[ep] = keys[held:]
+        if self.shared is not None and target is self.index:
+            self.shared.routed(self.model, ep.url, self.block_size, keys)
 
     def forget(self, state: RouteState, ep: Endpoint) -> None:
         """The attempt on `ep` failed (it may never have reached prefill): discard what `record` added
@@ -270,6 +289,24 @@ class PrefixCache:
         target = self._learning_index()
         if added and target is not None:
             target.discard(ep, added)
+            if self.shared is not None and target is self.index:
+                self.shared.forgotten(self.model, ep.url, self.block_size, added)
+
+    def learn_shared(self, pod: str, block_size: int, keys: Sequence[int], routed: bool) -> bool:
+        """Another replica routed (`routed`) or took back the blocks `keys` on the pod of URL `pod`:
+        the same as this replica's `record`/`forget` would do. False (nothing changed) when the index
+        is not approximate, the pod is not in this pool, or the keys are of another block size."""
+        if self.mode != "approximate" or block_size != self.block_size:
+            return False
+        ep = self._by_url.get(pod)
+        if ep is None:
+            return False
+        if routed:
+            self.index.add_pod(ep, self._capacity_for(ep))
+            self.index.insert(ep, keys)
+        else:
+            self.index.discard(ep, keys)
+        return True
 
     def count_routed(self, decision: Decision) -> None:
         """Count a decision in kvgate_prefix_* / kvgate_cache_aware_decisions (no registry: nothing)."""
@@ -305,14 +342,15 @@ class PrefixCache:
     # ---- pool lifecycle -----------------------------------------------------------------------
 
     async def start(self, endpoints: Sequence[Endpoint]) -> None:
-        """Precise mode: subscribe to every endpoint's KV events (approximate: nothing to start)."""
+        """Precise mode: subscribe to every endpoint's KV events (approximate: only note the pods)."""
+        self._endpoints = list(endpoints)
+        self._by_url = {ep.url: ep for ep in self._endpoints}
         if self.mode != "precise":
             return
         cfg = self.config
         self._subscriber = KVEventSubscriber(
             self, replay_timeout=cfg.replay_timeout, resync_interval=cfg.resync_interval or None
         )
-        self._endpoints = list(endpoints)
         for ep in endpoints:
             await self._subscribe(ep, self._endpoints)
 
@@ -327,6 +365,7 @@ class PrefixCache:
                 self._spawn(self._subscriber.remove(ep))
         gone = set(removed)
         self._endpoints = [ep for ep in self._endpoints if ep not in gone] + list(added)
+        self._by_url = {ep.url: ep for ep in self._endpoints}
         if self._subscriber is not None:
             for ep in added:
                 self._spawn(self._subscribe(ep, self._endpoints))

@@ -27,7 +27,7 @@ YAML:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -166,6 +166,7 @@ class PredictedTTFTPolicy(Policy):
             led = self.ledger(ep)
             if ep.last_scrape != led.reconciled_at:
                 led.reconcile_endpoint(ep)
+            led.peers = ep.peer_load
             work = ntok - state.cached_tokens(ep)
             t = led.predict(work, now).total
             scored.append((t, work, ep))
@@ -240,6 +241,13 @@ class PredictedTTFTPolicy(Policy):
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         for ep in removed:
             self.ledgers.pop(ep, None)
+
+    def load_summary(self) -> Iterator[tuple[Endpoint, int, int, int]]:
+        """This replica's own work per pod, for the others (router/replicas): (pod, prefilling,
+        decoding, prefill_tokens); idle pods left out."""
+        for ep, led in self.ledgers.items():
+            if led.prefilling or led.decoding:
+                yield ep, led.prefilling, len(led.decoding), max(0, led.prefill_tokens)
 
 
 def _output_tokens(body: Mapping[str, Any]) -> int | None:

@@ -10,7 +10,10 @@ request to the pod). Each attempt moves through the ledger as
 
 Scraped `vllm:num_requests_waiting` / `running` reconcile it slowly: what the pod reports beyond what
 this gateway had in flight at the scrape is other gateways' work, counted as queued prefill (waiting, at
-this pod's mean prompt size) and as running decodes.
+this pod's mean prompt size) and as running decodes. Replicas sharing their load through Redis
+(router/replicas) say exactly what they have there (`peers`, a PeerLoad, fresh within a second): each
+foreign term is then the larger of the two views, so the same work is never counted twice and the
+fresher view wins as soon as it shows more.
 
 A pod whose batch is full makes a new request wait for a slot: the soonest expected finish among the
 requests decoding there, the k-th soonest when k-1 requests already wait for one. The batch size is
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from router.endpoint import Endpoint
+from router.endpoint import Endpoint, PeerLoad
 from router.ttft.estimator import RatePrior, TTFTEstimator
 
 Clock = Callable[[], float]
@@ -79,6 +82,7 @@ class PodLedger:
     foreign_waiting: float = 0.0  # reconciled from the last scrape
     foreign_running: float = 0.0
     reconciled_at: float = 0.0  # Endpoint.last_scrape of the scrape last reconciled
+    peers: PeerLoad | None = None  # other replicas' work there (the policy copies Endpoint.peer_load)
 
     # ---- prediction ---------------------------------------------------------------------------
 
@@ -87,9 +91,18 @@ class PodLedger:
             return self.max_num_seqs
         return self.peak_running if self.full_seen >= FULL_EVIDENCE else None
 
+    def foreign_queued_tokens(self) -> float:
+        scraped = self.foreign_waiting * self.mean_work_tokens
+        peers = self.peers
+        return scraped if peers is None else max(scraped, peers.prefill_tokens)
+
+    def foreign_decoding(self) -> float:
+        peers = self.peers
+        return self.foreign_running if peers is None else max(self.foreign_running, peers.decoding)
+
     def predict(self, work_tokens: float, now: float) -> Prediction:
-        queued = self.prefill_tokens + self.foreign_waiting * self.mean_work_tokens
-        running = len(self.decoding) + self.foreign_running
+        queued = self.prefill_tokens + self.foreign_queued_tokens()
+        running = len(self.decoding) + self.foreign_decoding()
         wait = self.slot_wait(now)
         total = wait + self.estimator.predict(queued + work_tokens, running)
         return Prediction(total, wait, queued, running)
@@ -99,7 +112,10 @@ class PodLedger:
         slots = self.slots()
         if slots is None:
             return 0.0
-        occupied = self.prefilling + len(self.decoding) + self.foreign_running
+        foreign = self.foreign_running
+        if self.peers is not None:
+            foreign = max(foreign, self.peers.prefilling + self.peers.decoding)
+        occupied = self.prefilling + len(self.decoding) + foreign
         if occupied < slots:
             return 0.0
         ahead = int(occupied - slots)  # requests already waiting for a slot

@@ -65,6 +65,8 @@ def extra_modules(extra: str) -> list[str]:
         (["bench", "--help"], extra_modules("bench") + extra_modules("sim"), "bench"),
         (["sim", "--port", "0"], ["msgpack"], "sim"),
         (["sim", "--help"], ["msgpack"], "sim"),
+        (["serve", "--backend", "http://127.0.0.1:9", "--model", "m", "--redis-url", "redis://127.0.0.1:9"],
+         ["redis"], "redis"),
     ],
 )
 def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path, argv: list[str], blocked: list[str],

@@ -59,6 +59,19 @@ def test_config_file_with_overrides(tmp_path):
     config = config_from_args(parse("--config", str(path), "--host", "0.0.0.0", "--port", "9"))
     assert (config.listen.host, config.listen.port) == ("0.0.0.0", 9)
     assert config.pools[0].policy.name == "least_request"
+    assert config.replicas is None
+
+
+def test_redis_url_flag_turns_replica_sync_on_over_the_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    replicas = {"redis_url": "redis://old:6379/0", "channel": "fleet-a"}
+    pools = {"m": {"endpoints": [{"url": "http://a:1"}]}}
+    path.write_text(yaml.safe_dump({"pools": pools, "replicas": replicas}))
+    config = config_from_args(parse("--config", str(path), "--redis-url", "redis://new:6379/1"))
+    assert config.replicas is not None
+    assert (config.replicas.redis_url, config.replicas.channel) == ("redis://new:6379/1", "fleet-a")
+    quick = config_from_args(parse("--backend", "http://a:1", "--model", "m", "--redis-url", "redis://r:1"))
+    assert quick.replicas is not None and quick.replicas.redis_url == "redis://r:1"
 
 
 @pytest.mark.parametrize(
@@ -75,6 +88,12 @@ def test_config_file_with_overrides(tmp_path):
             "max_retries",
         ),
         ({"pools": {"m": {"endpoints": [{"url": "http://a"}]}}, "listen": {"port": True}}, "port"),
+        ({"pools": {"m": {"endpoints": [{"url": "http://a"}]}}, "replicas": {"channel": "x"}}, "redis_url"),
+        (
+            {"pools": {"m": {"endpoints": [{"url": "http://a"}]}},
+             "replicas": {"redis_url": "redis://r:6379", "load_interval_s": 2.0, "load_ttl_s": 2.0}},
+            "load_ttl_s",
+        ),
     ],
 )
 def test_bad_configs_name_the_problem(data, match):

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from router.endpoint import PeerLoad
 from router.ttft.estimator import RatePrior, TTFTEstimator
 from router.ttft.ledger import FULL_EVIDENCE, Attempt, PodLedger, new_ledger
 
@@ -167,3 +168,26 @@ def test_scrape_beyond_own_work_is_other_gateways() -> None:
     led.reconcile(waiting=3, running=4, own_in_flight_at_scrape=2)
     assert (led.foreign_waiting, led.foreign_running) == (3, 2)
     assert led.predict(0, 0).queued_tokens == 1_500
+
+
+def test_other_replicas_load_counts_once_the_larger_view_wins() -> None:
+    led = new_ledger(RatePrior(prefill_tokens_per_s=1_000, overhead_s=0, interference_s=0), max_num_seqs=4)
+    led.mean_work_tokens = 500
+    led.reconcile(waiting=2, running=1, own_in_flight_at_scrape=0)  # scrape: 1000 tokens queued, 1 running
+    led.peers = PeerLoad(prefilling=3, decoding=1, prefill_tokens=2_400)  # the replicas know more: it wins
+    p = led.predict(0, 0)
+    assert (p.queued_tokens, p.running) == (2_400, 1)
+    assert p.total == pytest.approx(2.4)
+    led.peers = PeerLoad(prefilling=1, decoding=0, prefill_tokens=800)  # less than the scrape: not added
+    p = led.predict(0, 0)
+    assert (p.queued_tokens, p.running) == (1_000, 1)
+    led.peers = None  # Redis gone, summaries expired: the scrape alone, as with one replica
+    assert led.predict(0, 0).queued_tokens == 1_000
+
+
+def test_other_replicas_requests_take_batch_slots() -> None:
+    clock, led, _ = full_pod(4)  # 2 own decoding, 4 slots
+    led.peers = PeerLoad(prefilling=1, decoding=0)
+    assert led.slot_wait(clock.now) == 0.0  # 3 of 4 taken
+    led.peers = PeerLoad(prefilling=1, decoding=1)  # exactly full
+    assert led.slot_wait(clock.now) == pytest.approx(1.0)

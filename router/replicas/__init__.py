@@ -1,0 +1,1 @@
+"""Gateway replicas that agree: approximate prefix learning and per-pod load shared through Redis."""
