@@ -2,8 +2,8 @@
 resource (upstream client session + proxy, the P/D flow, routing policies, replica sync, Kubernetes
 pod discovery, health checker, LoRA adapter poller, metrics scraper, the summary log of refused
 requests, admission, the access log and tracer, the config file poll of live reload), set up in this
-order and torn down in reverse. Background tasks read the pools through the one `Pools` object, so a reload's pools and
-endpoints reach them at once."""
+order and torn down in reverse. Background tasks read the pools through the one `Pools` object, so a
+reload's pools and endpoints reach them at once."""
 
 from __future__ import annotations
 
