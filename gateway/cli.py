@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(SUBCOMMANDS[name][0])
         args = subcommand_parser(name, module).parse_args(argv[1:])
+        args.command_argv = argv  # e.g. `kvgate serve --workers N` starts its workers with the same line
         return int(module.run(args) or 0)
     except ModuleNotFoundError as exc:
         message = missing_extra(exc)

@@ -132,8 +132,14 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """This gateway's registry, or what METRICS_BODY makes (`--workers`: every worker's, merged)."""
+    make_body = request.app.get(METRICS_BODY)
     registry = request.app[STATE].metrics.registry
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body = await make_body() if make_body is not None else generate_latest(registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+METRICS_BODY: web.AppKey[Callable[[], Awaitable[bytes]]] = web.AppKey("kvgate_metrics_body")
 
 
 HANDLERS: dict[RouteKind, Handler] = {

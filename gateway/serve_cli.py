@@ -33,8 +33,19 @@ from gateway.config import (
     Role,
     load_config,
 )
+from gateway.handlers import METRICS_BODY
 from gateway.reload import RELOADER, ConfigSource
+from gateway.replicas import check_replicas
 from gateway.runner import app_runner
+from gateway.state import STATE
+from gateway.workers import (
+    WorkerRole,
+    all_workers_exposition,
+    announce_ready,
+    own_metrics_site,
+    supervise,
+    watch_parent,
+)
 from router.prefix_cache import DEFAULT_BLOCK_SIZE
 from router.registry import POLICIES, PolicyError
 from router.replicas.config import ReplicasConfig
@@ -176,6 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
     add(scale, "--redis-url", "replicas share prefix learning and load through this Redis "
         "(replicas.redis_url; needs the redis extra)", metavar="redis://HOST:PORT[/DB]",
         shown="none: each replica learns alone")
+    add(scale, "--workers", "gateway processes on the one port (SO_REUSEPORT), supervised by this one; "
+        "above 1 needs --redis-url (they share state as replicas do)", type=int, default=1)
     add(parser, "--log-level", "Python logging level", default="INFO")
     add(parser, "--access-log", "one line per request on stdout (logs.access)",
         action=argparse.BooleanOptionalAction, shown="on")
@@ -303,27 +316,54 @@ async def discover_model(url: str) -> str:
 async def serve(config: GatewayConfig, source: ConfigSource | None = None) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully; SIGHUP reloads the config from `source`."""
     app = build_app(config, source=source)
+    role = WorkerRole.from_env()  # one of `--workers N` (gateway/workers.py), or None
+    registry = app[STATE].metrics.registry
+    if role is not None:
+        app[METRICS_BODY] = all_workers_exposition(role, registry)
     runner = app_runner(
         app, handler_cancellation=True, shutdown_timeout=config.timeouts.shutdown, access_log=None
     )
     await runner.setup()
+    own_metrics: web.AppRunner | None = None
     try:
-        site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=2048)
+        site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=2048,
+                           reuse_port=role is not None)
         await site.start()
         host, port = runner.addresses[0][:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         ready = {"url": url, "models": [p.model for p in config.pools]}
-        print(f"{READY_PREFIX} {orjson.dumps(ready).decode()}", flush=True)
-        log.info("kvgate listening on %s", url)
         stop = asyncio.Event()
+        if role is not None:
+            own_metrics = await own_metrics_site(role, registry)
+            announce_ready(f"{READY_PREFIX} {orjson.dumps(ready).decode()}")
+            watcher = asyncio.create_task(watch_parent(role, stop))
+        else:
+            print(f"{READY_PREFIX} {orjson.dumps(ready).decode()}", flush=True)
+        log.info("kvgate listening on %s", url)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, app[RELOADER].trigger, "SIGHUP")
         await stop.wait()
+        if role is not None:
+            watcher.cancel()
         log.info("shutting down: finishing in-flight requests (up to %.0f s)", config.timeouts.shutdown)
     finally:
         await runner.cleanup()
+        if own_metrics is not None:
+            await own_metrics.cleanup()
+
+
+def run_workers(args: argparse.Namespace, config: GatewayConfig) -> int:
+    """`--workers N`: the supervisor of N workers (gateway/workers.py); they need replica sync."""
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, not {args.workers}")
+    if config.replicas is None:
+        raise ValueError(f"--workers {args.workers} needs --redis-url (or a replicas: section): the "
+                         "workers share prefix learning and load through Redis as replicas do")
+    check_replicas()  # the redis extra: its one-line hint now, not once per worker
+    argv = getattr(args, "command_argv", None) or sys.argv[1:]
+    return supervise(argv, args.workers, config.listen.host, config.listen.port)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -338,6 +378,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.config and args.backend and not args.model:
             args.model = runner(discover_model(parse_backend(args.backend[0])[0]))
         config = config_from_args(args)
+        if args.workers != 1:
+            return run_workers(args, config)
         listener = setup_logging(args.log_level, config.logs.format)  # off the event loop from here on
         try:
             runner(serve(config, ConfigSource(lambda: config_from_args(args), args.config)))
