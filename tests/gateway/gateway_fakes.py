@@ -105,7 +105,7 @@ class FakePod:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/v1/models", self.models)  # the gateway's adapter poll, not an API call
         app.router.add_route("*", "/v1/{tail:.*}", self.api)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
