@@ -486,3 +486,59 @@ async def test_a_discovered_pool_keeps_its_pods_across_reloads_that_leave_its_di
         assert await served_by(client, gw, 2) == {static.url}
     finally:
         await api.stop()
+
+
+# ---- precise index: KV-event subscriptions follow the reload ---------------------------------
+
+
+async def test_precise_mode_subscribes_a_pod_a_reload_adds_and_drops_one_it_removes(live, client):
+    from bench.sim.fleet import SimFleet
+
+    fast = {"model": "m", "prefill_tps": 1e6, "itl_ms": 1.0, "itl_ms_per_seq": 0.0,
+            "kv_events_endpoint": "tcp://127.0.0.1:*"}  # fmt: skip
+    async with SimFleet(2, **fast) as fleet:
+        s0, s1 = fleet.pods
+        policy = {"name": "cache_aware", "params": {"index": "precise", "pending_blocks": 0}}
+
+        def data(pods: list[Any]) -> Data:
+            d = config_data([p.url for p in pods], policy)
+            for spec, pod in zip(d["pools"]["m"]["endpoints"], pods, strict=True):
+                spec["kv_events"] = pod.publisher.endpoint
+            return d
+
+        gw = await live(data([s0]))
+        cache = gw.pool().prefix_cache
+        assert cache is not None
+        assert await gw.reload(data([s0, s1]))
+        e0, e1 = gw.endpoint(s0.url), gw.endpoint(s1.url)
+        await eventually(lambda: e1 in cache.trackers, what="the new pod's subscription")
+        prompts = [" ".join(f"w{i}x{j}" for j in range(64)) for i in range(12)]
+
+        def held(ep: Endpoint) -> bool:
+            return ep in set(cache.index.pods()) and bool(cache.index.keys_of(ep))
+
+        async def both_indexed() -> bool:
+            for prompt in prompts:  # new prefixes spread over both pods; their events fill the index
+                await complete(client, gw, prompt)
+            return held(e0) and held(e1)
+
+        await eventually(both_indexed, within=10, what="events from both pods in the index")
+        assert await gw.reload(data([s1]))
+        assert e0 not in cache.trackers and not held(e0)  # its blocks left with it
+        assert held(e1)
+        assert await served_by(client, gw, 3) == {s1.url}
+
+
+async def test_a_policy_change_with_endpoint_changes_keeps_the_cache_in_step(live, pods, client):
+    p0, p1, p2 = await pods(3)
+    gw = await live(config_data([p0.url, p1.url], {"name": "cache_aware"}))
+    for i in range(6):
+        await complete(client, gw, f"group {i} " + "words " * 60)
+    cache = gw.pool().prefix_cache
+    assert cache is not None
+    e0, e1 = gw.endpoint(p0.url), gw.endpoint(p1.url)
+    assert set(cache.index.pods()) == {e0, e1}
+    assert await gw.reload(config_data([p0.url, p2.url], {"name": "weighted"}))  # same cache settings
+    assert gw.pool().prefix_cache is cache and set(cache.index.pods()) == {e0}  # p1 dropped
+    assert await served_by(client, gw, 6) == {p0.url, p2.url}
+    assert e1.in_flight == 0 and gw.endpoint(p0.url) is e0
