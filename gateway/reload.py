@@ -322,10 +322,13 @@ class Reloader:
         self._again: str | None = None
         self._poll: asyncio.Task[None] | None = None
         self._poll_interval = 0.0
+        self._closed = False
 
     # ---- triggers -----------------------------------------------------------------------------
 
     def trigger(self, cause: str) -> None:
+        if self._closed:  # shutting down: nothing new starts
+            return
         if self._task is not None and not self._task.done():
             self._again = cause
             return
@@ -357,6 +360,7 @@ class Reloader:
                                                                 name="config file poll")
 
     async def close(self) -> None:
+        self._closed = True
         for task in (self._poll, self._task):
             if task is not None:
                 task.cancel()
@@ -395,7 +399,10 @@ class Reloader:
             self.metrics.last_ok.set(1)
             self.metrics.last_success.set(time.time())
             await self._retire(retired)
-            await self.watchers.sync(state.config.pools)
+            try:
+                await self.watchers.sync(state.config.pools)
+            except Exception:  # the pools are swapped in; a watcher that cannot start is logged
+                log.exception("config reload (%s): starting a pod watcher failed", cause)
             self.files.watch(watched_paths(self.source, state.config))
             self.follow_interval(state.config.reload.interval)
             return True
