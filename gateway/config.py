@@ -12,20 +12,31 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from msgspec import Meta
 
 from router.discovery.config import KubernetesDiscovery, validate_kubernetes
 from router.endpoint import Role
 from router.pd import DEFAULT_PREFILL_TIMEOUT_S, DEFAULT_THRESHOLD_TOKENS
 from router.replicas.config import ReplicasConfig, validate_replicas
 
+# Bounds declared on the types: the decoder checks them (naming the key) and the JSON Schema carries them
+Positive = Annotated[float, Meta(gt=0)]
+NonNegative = Annotated[float, Meta(ge=0)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+Share = Annotated[float, Meta(gt=0, le=1)]  # a fraction that must not be 0
+Count = Annotated[int, Meta(ge=0)]
+AtLeastOne = Annotated[int, Meta(ge=1)]
+Port = Annotated[int, Meta(ge=0, le=65535)]  # 0: a free port from the OS
+HttpStatus = Annotated[int, Meta(ge=100, le=599)]
+
 
 @dataclass(slots=True)
 class Listen:
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: Port = 8080
 
 
 @dataclass(slots=True)
@@ -38,7 +49,7 @@ class Auth:
 
 @dataclass(slots=True)
 class Limits:
-    max_body_bytes: int = 8 << 20
+    max_body_bytes: AtLeastOne = 8 << 20
 
 
 @dataclass(slots=True)
@@ -52,13 +63,13 @@ class Forwarded:
 
 @dataclass(slots=True)
 class Logs:
-    rejected_interval: float = 10.0  # seconds between summary lines counting the requests refused
+    rejected_interval: Positive = 10.0  # seconds between summary lines counting the requests refused
     access: bool = True  # one line per request on stdout (gateway/access_log.py)
     format: Literal["json", "text"] = "json"  # of the access log and of the gateway's own log (stderr)
     # refused requests (4xx the gateway answers itself) logged one by one per rejected_interval; the
     # rest only counted in that interval's summary line, so a flood of bad requests stays a few lines
-    access_refused_per_interval: int = 100
-    access_queue: int = 10000  # lines waiting for the writer thread; beyond, lines are dropped and counted
+    access_refused_per_interval: Count = 100
+    access_queue: AtLeastOne = 10000  # lines waiting for the writer thread; beyond, dropped and counted
 
 
 @dataclass(slots=True)
@@ -71,30 +82,30 @@ class Tracing:
     # console (stderr); none: spans made and propagated, not exported
     exporter: Literal["auto", "otlp", "console", "none"] = "auto"
     service_name: str = "kvgate"  # the service.name resource attribute
-    sample_ratio: float = 1.0  # of the traces a client did not start (theirs follow its sampled flag)
+    sample_ratio: Fraction = 1.0  # of the traces a client did not start (theirs follow its sampled flag)
 
 
 @dataclass(slots=True)
 class Timeouts:
-    connect: float = 2.0  # TCP connect to a pod
-    read: float = 600.0  # longest silence from a pod, before or during its answer
-    shutdown: float = 30.0  # graceful shutdown: how long in-flight streams may run on
-    client_body: float = 60.0  # longest silence from a client before its request body is complete
+    connect: Positive = 2.0  # TCP connect to a pod
+    read: Positive = 600.0  # longest silence from a pod, before or during its answer
+    shutdown: NonNegative = 30.0  # graceful shutdown: how long in-flight streams may run on
+    client_body: Positive = 60.0  # longest silence from a client before its request body is complete
 
 
 @dataclass(slots=True)
 class Retries:
-    max_retries: int = 2  # extra attempts, each on a pod not tried yet
-    on_status: list[int] = field(default_factory=lambda: [502, 503])
+    max_retries: Count = 2  # extra attempts, each on a pod not tried yet
+    on_status: list[HttpStatus] = field(default_factory=lambda: [502, 503])
 
 
 @dataclass(slots=True)
 class Health:
-    interval: float = 1.0  # active GET /health period
-    timeout: float = 0.5
-    eject_after: int = 3  # consecutive failed proxy attempts that eject a pod (passive check)
-    eject_after_timeouts: int = 2  # consecutive timed-out checks that eject a pod (refused/5xx: at once)
-    panic_threshold: float = 0.0  # healthy share of a pool below which it routes over all its pods
+    interval: Positive = 1.0  # active GET /health period
+    timeout: Positive = 0.5
+    eject_after: AtLeastOne = 3  # consecutive failed proxy attempts that eject a pod (passive check)
+    eject_after_timeouts: AtLeastOne = 2  # timed-out checks in a row that eject a pod (refused/5xx: at once)
+    panic_threshold: Fraction = 0.0  # healthy share of a pool below which it routes over all its pods
     path: str = "/health"
 
 
@@ -102,8 +113,8 @@ class Health:
 class Scrape:
     # GET /metrics period; 0 disables scraping. A slow reconciliation: the gateway's own accounting is
     # the primary load signal, and each scrape costs the pod's API server CPU (bench.real_vllm --scrape-sweep)
-    interval: float = 2.0
-    timeout: float = 1.0
+    interval: NonNegative = 2.0
+    timeout: Positive = 1.0
     path: str = "/metrics"
 
 
@@ -112,7 +123,7 @@ class Reload:
     """Live reload (gateway/reload.py): SIGHUP, or a change of the --config file or auth.api_keys_file
     seen by polling their content, applies the new config without dropping requests."""
 
-    interval: float = 5.0  # seconds between checks of the files for a change; 0: only on SIGHUP
+    interval: NonNegative = 5.0  # seconds between checks of the files for a change; 0: only on SIGHUP
 
 
 @dataclass(slots=True)
@@ -120,7 +131,7 @@ class EndpointSpec:
     url: str
     role: Role = "both"
     version: str = ""
-    weight: float = 1.0
+    weight: Positive = 1.0
     kv_events: str | None = None
     kv_events_replay: str | None = None
 
@@ -139,9 +150,9 @@ class PDSpec:
     """
 
     # uncached prompt tokens below which the decode pod prefills itself
-    threshold_tokens: int = DEFAULT_THRESHOLD_TOKENS
+    threshold_tokens: Count = DEFAULT_THRESHOLD_TOKENS
     # a prefill step slower than this falls back to local prefill
-    prefill_timeout_s: float = DEFAULT_PREFILL_TIMEOUT_S
+    prefill_timeout_s: Positive = DEFAULT_PREFILL_TIMEOUT_S
     compatibility: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -153,7 +164,7 @@ class PoolSpec:
     endpoints: list[EndpointSpec] = field(default_factory=list)
     policy: PolicySpec = field(default_factory=PolicySpec)
     tokenizer: str | None = None
-    block_size: int | None = None
+    block_size: AtLeastOne | None = None
     pd: PDSpec | None = None
     # LoRA adapters the pods serve on top of `model`: a request naming one routes to this pool, its
     # block keys rooted at the adapter (more are learned from the pods' /v1/models)
@@ -169,7 +180,7 @@ class ModelAccess:
     """A model or LoRA adapter a tenant may use, and the conditions on it."""
 
     name: str
-    max_prompt_tokens: int | None = None  # longer prompts get 403 (None: no limit)
+    max_prompt_tokens: Count | None = None  # longer prompts get 403 (None: no limit)
 
 
 @dataclass(slots=True)
@@ -177,15 +188,15 @@ class TenantSpec:
     """One tenant of admission control: a flow of the fair queue, with its own limits."""
 
     name: str
-    weight: float = 1.0  # share of dispatch (estimated tokens) against the other tenants of its priority
+    weight: Positive = 1.0  # share of dispatch (estimated tokens) against the other tenants of its priority
     priority: int = 0  # higher is dispatched first (admission.aging_s keeps lower ones moving)
     api_keys: list[str] = field(default_factory=list)  # keys identifying it (they also pass auth)
     models: list[ModelAccess] | None = None  # None: every model and adapter
-    max_queued: int | None = None  # requests waiting in the queue at once (None: only the total applies)
-    max_queued_bytes: int | None = None  # request body bytes waiting at once
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None  # estimated prompt + expected output tokens
-    queue_timeout_s: float | None = None  # longest wait in the queue (None: admission.queue_timeout_s)
+    max_queued: Count | None = None  # requests waiting in the queue at once (None: only the total applies)
+    max_queued_bytes: Count | None = None  # request body bytes waiting at once
+    requests_per_minute: NonNegative | None = None
+    tokens_per_minute: NonNegative | None = None  # estimated prompt + expected output tokens
+    queue_timeout_s: NonNegative | None = None  # longest wait in the queue (None: admission.queue_timeout_s)
 
 
 @dataclass(slots=True)
@@ -195,21 +206,21 @@ class Admission:
     order: Literal["fair", "fifo"] = "fair"  # fifo: one queue in arrival order (for comparison)
     tenants: list[TenantSpec] = field(default_factory=list)
     default_tenant: str = "default"  # whose spec applies to requests naming no configured tenant
-    max_queued: int = 10000  # requests waiting in total
-    max_queued_bytes: int = 256 << 20  # request body bytes waiting in total
-    queue_timeout_s: float = 30.0  # default longest wait in the queue; x-kvgate-queue-timeout lowers it
-    max_queue_timeout_s: float = 300.0  # the most a client's x-kvgate-queue-timeout may ask for
-    aging_s: float = 10.0  # a waiting request gains one priority level per aging_s seconds (0: never)
-    default_output_tokens: int = 256  # expected output of a request without max_tokens (its cost)
-    max_in_flight_per_pod: int | None = None  # None: the policy's learned batch size, else 256
-    headroom_per_pod: int = 1  # requests beyond that limit, so a pod's batch never waits for the gateway
-    max_kv_usage: float = 0.98  # a pod scraped at or above this KV usage takes no new request
-    max_predicted_ttft_s: float | None = None  # cache_aware: a pod predicted slower takes none
-    recheck_interval_s: float = 0.05  # re-reads the load signals this often while requests wait
+    max_queued: Count = 10000  # requests waiting in total
+    max_queued_bytes: Count = 256 << 20  # request body bytes waiting in total
+    queue_timeout_s: NonNegative = 30.0  # default longest wait in the queue; x-kvgate-queue-timeout lowers it
+    max_queue_timeout_s: NonNegative = 300.0  # the most a client's x-kvgate-queue-timeout may ask for
+    aging_s: NonNegative = 10.0  # a waiting request gains one priority level per aging_s seconds (0: never)
+    default_output_tokens: Count = 256  # expected output of a request without max_tokens (its cost)
+    max_in_flight_per_pod: AtLeastOne | None = None  # None: the policy's learned batch size, else 256
+    headroom_per_pod: Count = 1  # requests beyond that limit, so a pod's batch never waits for the gateway
+    max_kv_usage: Share = 0.98  # a pod scraped at or above this KV usage takes no new request
+    max_predicted_ttft_s: Positive | None = None  # cache_aware: a pod predicted slower takes none
+    recheck_interval_s: Positive = 0.05  # re-reads the load signals this often while requests wait
     # a freed slot takes, of the next tenant's first affinity_window queued requests, the one with the
     # most prompt cached on a pod with a free slot (1: oldest first); none is passed over more often
-    affinity_window: int = 8
-    drain_timeout_s: float = 10.0  # on SIGTERM: queued requests still waiting after this get 503
+    affinity_window: AtLeastOne = 8
+    drain_timeout_s: NonNegative = 10.0  # on SIGTERM: queued requests still waiting after this get 503
 
 
 @dataclass(slots=True)
@@ -262,31 +273,11 @@ def config_from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
 
 
 def validate(cfg: GatewayConfig) -> None:
-    """Cross-field checks the types alone cannot express."""
-    if cfg.limits.max_body_bytes <= 0:
-        raise ValueError("limits.max_body_bytes must be positive")
-    if cfg.retries.max_retries < 0:
-        raise ValueError("retries.max_retries must be >= 0")
-    if cfg.health.interval <= 0 or cfg.health.timeout <= 0 or cfg.health.eject_after < 1:
-        raise ValueError("health: interval and timeout must be positive, eject_after at least 1")
-    if cfg.health.eject_after_timeouts < 1 or not 0.0 <= cfg.health.panic_threshold <= 1.0:
-        raise ValueError("health: eject_after_timeouts must be at least 1, panic_threshold in [0, 1]")
+    """The bounds declared on the types (check_bounds), then cross-field checks."""
+    check_bounds(cfg)
     if cfg.health.timeout > cfg.health.interval:
         # checks must not overlap: a hung pod is out within eject_after_timeouts intervals plus a timeout
         raise ValueError("health.timeout must not exceed health.interval")
-    t = cfg.timeouts
-    if min(t.connect, t.read, t.client_body) <= 0 or t.shutdown < 0:
-        raise ValueError("timeouts: connect, read and client_body must be positive, shutdown >= 0")
-    if cfg.scrape.interval < 0:
-        raise ValueError("scrape.interval must be >= 0")
-    if cfg.logs.rejected_interval <= 0:
-        raise ValueError("logs.rejected_interval must be positive")
-    if cfg.logs.access_refused_per_interval < 0 or cfg.logs.access_queue < 1:
-        raise ValueError("logs: access_refused_per_interval must be >= 0, access_queue at least 1")
-    if not 0.0 <= cfg.tracing.sample_ratio <= 1.0:
-        raise ValueError("tracing.sample_ratio must be in [0, 1]")
-    if cfg.reload.interval < 0:
-        raise ValueError("reload.interval must be >= 0 (0: reload only on SIGHUP)")
     models = set()
     for pool in cfg.pools:
         if pool.model in models:
@@ -298,8 +289,6 @@ def validate(cfg: GatewayConfig) -> None:
         for ep in pool.endpoints:
             if not ep.url.startswith(("http://", "https://")):
                 raise ValueError(f"pools.{pool.model}: endpoint url {ep.url!r} must start with http(s)://")
-            if ep.weight <= 0:
-                raise ValueError(f"pools.{pool.model}: endpoint {ep.url} weight must be positive")
             ep.url = ep.url.rstrip("/")
         validate_pd(pool)
     validate_adapters(cfg.pools)
@@ -334,17 +323,7 @@ def validate_discovery(pool: PoolSpec) -> None:
 
 
 def validate_admission(adm: Admission) -> None:
-    """Positive limits, unique tenant names and API keys."""
-    if adm.max_queued < 0 or adm.max_queued_bytes < 0 or adm.default_output_tokens < 0:
-        raise ValueError("admission: max_queued, max_queued_bytes and default_output_tokens must be >= 0")
-    if min(adm.queue_timeout_s, adm.max_queue_timeout_s, adm.aging_s, adm.drain_timeout_s) < 0:
-        raise ValueError("admission: timeouts and aging_s must be >= 0")
-    if adm.recheck_interval_s <= 0 or not 0.0 < adm.max_kv_usage <= 1.0 or adm.headroom_per_pod < 0:
-        raise ValueError("admission: recheck_interval_s > 0, max_kv_usage in (0, 1], headroom_per_pod >= 0")
-    if adm.affinity_window < 1:
-        raise ValueError("admission.affinity_window: at least 1 (1: oldest first)")
-    if adm.max_in_flight_per_pod is not None and adm.max_in_flight_per_pod < 1:
-        raise ValueError("admission.max_in_flight_per_pod must be at least 1")
+    """Unique tenant names and API keys."""
     names: set[str] = set()
     keys: set[str] = set()
     for i, t in enumerate(adm.tenants):
@@ -352,19 +331,10 @@ def validate_admission(adm: Admission) -> None:
         if not t.name or t.name in names:
             raise ValueError(f"{where}: tenant name {t.name!r} is empty or repeated")
         names.add(t.name)
-        if t.weight <= 0:
-            raise ValueError(f"{where}.weight must be positive")
         for key in t.api_keys:
             if not key or key in keys:
                 raise ValueError(f"{where}.api_keys: a key is empty or belongs to two tenants")
             keys.add(key)
-        for limit in (t.max_queued, t.max_queued_bytes, t.requests_per_minute, t.tokens_per_minute,
-                      t.queue_timeout_s):
-            if limit is not None and limit < 0:
-                raise ValueError(f"{where}: limits must be >= 0")
-        for m in t.models or ():
-            if m.max_prompt_tokens is not None and m.max_prompt_tokens < 0:
-                raise ValueError(f"{where}.models.{m.name}.max_prompt_tokens must be >= 0")
 
 
 def validate_adapters(pools: list[PoolSpec]) -> None:
@@ -394,8 +364,6 @@ def validate_pd(pool: PoolSpec) -> None:
         return
     if "prefill" not in roles and pool.discovery == "static":  # discovered prefill pods come later
         raise ValueError(f"{where}.pd: the pool has no endpoint with role prefill")
-    if pd.threshold_tokens < 0 or pd.prefill_timeout_s <= 0:
-        raise ValueError(f"{where}.pd: threshold_tokens must be >= 0 and prefill_timeout_s positive")
     for decode, prefills in pd.compatibility.items():
         if not isinstance(decode, str) or not isinstance(prefills, list):
             raise ValueError(f"{where}.pd.compatibility: expected version -> list of versions (quote them)")
@@ -409,7 +377,7 @@ def _decode(cls: type, data: Any, where: str) -> Any:
         return data
     if not isinstance(data, Mapping):
         raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
@@ -431,6 +399,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return None
         (hint,) = [a for a in args if a is not type(None)]
         origin = typing.get_origin(hint)
+    if origin is Annotated:  # its bounds are checked on the whole config (check_bounds)
+        return _coerce(typing.get_args(hint)[0], value, where)
     if dataclasses.is_dataclass(hint):
         return _decode(hint, value, where)
     if origin is Literal:
@@ -453,3 +423,67 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ValueError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
     return value
+
+
+
+def check_bounds(obj: Any, where: str = "") -> None:
+    """Every value within the bounds its field's type declares (msgspec.Meta ge / gt / le / lt), over
+    the whole tree of structs: decoded from YAML or set from a flag alike. Errors name the key path."""
+    for f, hint in _bounded_fields(type(obj)):
+        value = getattr(obj, f.name)
+        path = f"{where}.{f.name}".lstrip(".")
+        for meta, items in _bounds_of(hint, value):
+            for i, v in items:
+                _check_value(meta, v, path if i is None else f"{path}[{i}]")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{where}.{f.name}".lstrip(".")
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, path)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    name = getattr(item, "model", None) if isinstance(item, PoolSpec) else None
+                    check_bounds(item, f"{path}.{name}" if name else f"{path}[{i}]")
+
+
+_BOUNDED: dict[type, list[tuple[dataclasses.Field[Any], Any]]] = {}
+
+
+def _bounded_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """(field, type hint) of the fields of `cls` whose type carries a Meta (cached per class)."""
+    found = _BOUNDED.get(cls)
+    if found is None:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        found = [(f, hints[f.name]) for f in dataclasses.fields(cls) if "Meta(" in repr(hints[f.name])]
+        _BOUNDED[cls] = found
+    return found
+
+
+def _bounds_of(hint: Any, value: Any) -> list[tuple[Meta, list[tuple[int | None, Any]]]]:
+    """The Meta bounds of `hint` with the values they apply to: the value itself, or a list's items."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return []
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        origin = typing.get_origin(hint)
+    if origin is Annotated:
+        return [(m, [(None, value)]) for m in typing.get_args(hint)[1:] if isinstance(m, Meta)]
+    if origin is list and isinstance(value, list):
+        (item,) = typing.get_args(hint)
+        if typing.get_origin(item) is Annotated:
+            metas = [m for m in typing.get_args(item)[1:] if isinstance(m, Meta)]
+            return [(m, list(enumerate(value))) for m in metas]
+    return []
+
+
+def _check_value(meta: Meta, value: Any, where: str) -> None:
+    for bound, ok, word in (
+        (meta.ge, lambda b: value >= b, ">="),
+        (meta.gt, lambda b: value > b, ">"),
+        (meta.le, lambda b: value <= b, "<="),
+        (meta.lt, lambda b: value < b, "<"),
+    ):
+        if bound is not None and not ok(bound):
+            raise ValueError(f"{where}: must be {word} {bound}, got {value!r}")

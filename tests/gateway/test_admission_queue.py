@@ -181,7 +181,10 @@ def config(admission: dict) -> GatewayConfig:
         ({"tenants": [{"name": "a"}, {"name": "a"}]}, "repeated"),
         ({"tenants": [{"name": "a", "weight": 0}]}, "weight"),
         ({"tenants": [{"name": "a", "api_keys": ["k"]}, {"name": "b", "api_keys": ["k"]}]}, "two tenants"),
-        ({"tenants": [{"name": "a", "requests_per_minute": -1}]}, "limits"),
+        (
+            {"tenants": [{"name": "a", "requests_per_minute": -1}]},
+            r"tenants\[0\]\.requests_per_minute: must be >= 0",
+        ),
         (
             {"tenants": [{"name": "a", "models": [{"name": "m", "max_prompt_tokens": -1}]}]},
             "max_prompt_tokens",

@@ -66,3 +66,14 @@ def test_schema_and_decoder_refuse_the_same_mistakes(path: list[Any], value: Any
         jsonschema.validate(bad, config_schema(), cls=jsonschema.Draft202012Validator)
     with pytest.raises(ValueError):
         config_from_mapping(bad)
+
+
+def test_the_schema_carries_the_bounds_the_decoder_enforces() -> None:
+    defs = config_schema()["$defs"]
+    assert defs["Health"]["properties"]["eject_after"]["minimum"] == 1
+    assert defs["Health"]["properties"]["interval"]["exclusiveMinimum"] == 0
+    assert defs["Listen"]["properties"]["port"]["maximum"] == 65535
+    assert defs["Retries"]["properties"]["on_status"]["items"]["minimum"] == 100
+    validator = jsonschema.Draft202012Validator(config_schema())
+    bad = {"pools": {"m": {"endpoints": [{"url": "http://a"}]}}, "health": {"eject_after": 0}}
+    assert [e.json_path for e in validator.iter_errors(bad)] == ["$.health.eject_after"]

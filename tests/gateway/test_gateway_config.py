@@ -122,3 +122,30 @@ def test_example_config_builds_a_gateway():
     pool = app[STATE].pools.get("meta-llama/Llama-3.1-8B-Instruct")
     assert pool is not None and pool.policy_name == "cache_aware" and pool.prefix_cache is not None
     assert [ep.kv_events_replay for ep in pool.endpoints] == ["tcp://vllm-0:5558", "tcp://vllm-1:5558"]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "bad", "edge"),
+    [
+        ("health", "eject_after", 0, 1),
+        ("health", "panic_threshold", 1.01, 1.0),
+        ("health", "interval", 0, 0.5),  # edge: the health timeout (0.5) may equal the interval
+        ("scrape", "interval", -0.1, 0),
+        ("listen", "port", 65536, 65535),
+        ("retries", "max_retries", -1, 0),
+        ("tracing", "sample_ratio", -0.01, 0.0),
+    ],
+)
+def test_bounds_declared_on_the_types_hold_at_their_edge_and_fail_past_it(section, key, bad, edge):
+    base = {"pools": {"m": {"endpoints": [{"url": "http://a"}]}}}
+    config = config_from_mapping({**base, section: {key: edge}})
+    assert getattr(getattr(config, section), key) == edge
+    with pytest.raises(ValueError, match=rf"^{section}\.{key}: must be "):
+        config_from_mapping({**base, section: {key: bad}})
+
+
+def test_a_flag_out_of_bounds_is_refused_like_the_same_key_in_the_file():
+    with pytest.raises(ValueError, match=r"health\.interval: must be > 0"):
+        config_from_args(parse("--backend", "http://a:1", "--model", "m", "--health-interval", "0"))
+    with pytest.raises(ValueError, match=r"timeouts\.connect: must be > 0"):
+        config_from_args(parse("--backend", "http://a:1", "--model", "m", "--connect-timeout", "-1"))

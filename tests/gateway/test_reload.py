@@ -309,7 +309,7 @@ BAD = {
     "yaml": ("pools: {m: [unclosed", "ParserError: while parsing a flow sequence in"),
     "unknown key": ({"retires": {"max_retries": 1}}, "unknown keys ['retires']"),
     "validation": ({"health": {"interval": 1.0, "timeout": 2.0}}, "health.timeout must not exceed"),
-    "bad weight": ({"weight": -1}, "pools.m: endpoint"),
+    "bad weight": ({"weight": -1}, "pools.m.endpoints[0].weight: must be > 0"),
     "policy param": ({"policy": {"name": "cache_aware", "params": {"nope": 1}}}, "pools.m.policy: "),
     "unknown policy": ({"policy": {"name": "fastest"}}, "pools.m.policy: unknown policy 'fastest'"),
     "missing keys file": ({"auth": {"api_keys_file": "/nonexistent/keys"}}, "/nonexistent/keys"),
