@@ -1,7 +1,8 @@
 """The `kvgate` command: one subcommand per job, each module imported only when it runs.
 
 A subcommand whose optional dependencies are not installed (`kvgate sim` without the `sim` extra,
-`kvgate bench` without `bench`) prints one line naming the extra to install and exits with 2.
+`kvgate bench` without `bench`, `kvgate epp` without `epp`) prints one line naming the extra to
+install and exits with 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("bench.sim.cli", "run simulated vLLM pod(s)"),
     "serve": ("gateway.serve_cli", "run the gateway"),
+    "epp": ("gateway.epp.cli", "run the gateway's routing as an Envoy endpoint picker (ext_proc)"),
     "bench": ("bench.cli", "compare routing policies on a simulated fleet"),
 }
 # Top-level modules of the optional dependencies -> the pyproject extra that installs them (the first
@@ -25,6 +27,8 @@ OPTIONAL_MODULES: dict[str, str] = {
     "locust": "bench",
     "kubernetes_asyncio": "kubernetes",
     "redis": "redis",
+    "grpc": "epp",  # grpcio
+    "envoy": "epp",  # xds-protos: Envoy's generated protobufs
 }
 EXIT_USAGE = 2
 

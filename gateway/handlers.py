@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -18,7 +19,7 @@ from gateway.admission.controller import ADMISSION
 from gateway.pools import Pool, Pools
 from gateway.proxy import ProxyCall, upstream_headers
 from gateway.request_body import parse_body, read_body
-from gateway.state import PROXY, STATE
+from gateway.state import PROXY, STATE, GatewayState
 from gateway.target import TARGET_KEY, RouteKind, resolve_target
 from router.policy import RouteRequest
 
@@ -94,10 +95,15 @@ def select_pool(pools: Pools, body: dict | None) -> Pool:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: the union of the pools' models, in the OpenAI list shape, then their LoRA
-    adapters with `parent` naming the base model (as vLLM lists them), then the aliases (`root`: the
-    name they stand for)."""
-    state = request.app[STATE]
+    """GET /v1/models: `model_list` as JSON."""
+    body = orjson.dumps(model_list(request.app[STATE]))
+    return web.Response(body=body, content_type="application/json")
+
+
+def model_list(state: GatewayState) -> dict[str, Any]:
+    """The union of the pools' models, in the OpenAI list shape, then their LoRA adapters with
+    `parent` naming the base model (as vLLM lists them), then the aliases (`root`: the name they
+    stand for)."""
     created = state.started
     data = [
         {"id": p.model, "object": "model", "created": created, "owned_by": "kvgate", "root": p.model}
@@ -112,7 +118,7 @@ async def list_models(request: web.Request) -> web.Response:
         {"id": alias, "object": "model", "created": created, "owned_by": "kvgate", "root": target}
         for alias, target in state.pools.aliases.items()
     ]
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+    return {"object": "list", "data": data}
 
 
 async def health(request: web.Request) -> web.Response:

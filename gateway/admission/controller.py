@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -43,9 +43,9 @@ from gateway.admission.tenants import Tenant, Tenants
 from gateway.config import Admission, GatewayConfig
 from gateway.errors import GatewayError
 from gateway.pools import Pool, Pools
-from gateway.proxy import ProxyCall
 from prefixindex.prompt import PromptError, prompt_tokens
 from prefixindex.tokenizer import Tokenizer, load_tokenizer
+from router.policy import RouteRequest
 from router.route_state import RouteState
 
 log = logging.getLogger("kvgate.admission")
@@ -56,6 +56,18 @@ _RATE_EWMA = 0.2
 # Answered by a pod's API server without the engine: never queued behind generation
 _ENGINE_FREE = frozenset({"/tokenize", "/detokenize"})
 Clock = Callable[[], float]
+
+
+class Admittable(Protocol):
+    """What admission reads of a request: serve's ProxyCall, kvgate epp's EppRequest."""
+
+    route: RouteRequest
+    body: dict[str, Any] | None
+    raw_body: bytes
+    extra_headers: dict[str, str]
+
+    @property
+    def pool(self) -> Pool: ...
 
 
 @dataclass(slots=True)
@@ -154,12 +166,12 @@ class AdmissionController:
 
     # ---- the request path ---------------------------------------------------------------------
 
-    async def admit(self, call: ProxyCall) -> Ticket:
+    async def admit(self, call: Admittable) -> Ticket:
         """Admit `call` now or once its pool has room; raises GatewayError (403, 429, 503)."""
         lane = self.lanes[call.pool]
         if call.route.path in _ENGINE_FREE:
             return Ticket(self, lane, released=True)  # holds no slot: release does nothing
-        headers = call.request.headers
+        headers = call.route.headers  # the client's headers (serve: request.headers; kvgate epp: Envoy's)
         tenant = self.tenants.resolve(headers, self.keys_checked)
         model = _model(call)
         est = self.estimate(call, lane, tenant, model)
@@ -207,7 +219,7 @@ class AdmissionController:
         call.extra_headers[QUEUE_WAIT_HEADER] = f"{ticket.waited:.3f}"
         return ticket
 
-    def estimate(self, call: ProxyCall, lane: Lane, tenant: Tenant, model: str) -> Estimate:
+    def estimate(self, call: Admittable, lane: Lane, tenant: Tenant, model: str) -> Estimate:
         """The request's prompt, uncached and output tokens. With a prefix cache the prompt is read
         (once: the policy reuses it) and matched against the pool's pods; without one it is counted
         exactly only when a limit needs it, else estimated from the body size."""
@@ -388,7 +400,7 @@ class AdmissionController:
 ADMISSION = web.AppKey("kvgate_admission", AdmissionController)
 
 
-def _model(call: ProxyCall) -> str:
+def _model(call: Admittable) -> str:
     model = call.body.get("model") if call.body else None
     return model if isinstance(model, str) else call.pool.model
 
