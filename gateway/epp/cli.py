@@ -20,6 +20,7 @@ import orjson
 from gateway import serve_cli
 from gateway.access_log import TEXT_FORMAT, setup_logging
 from gateway.epp.server import DEFAULT_GRPC_PORT, RunningEpp, serve_epp
+from gateway.reload import ConfigSource
 from router.registry import PolicyError
 
 READY_PREFIX = "KVGATE_EPP_READY"
@@ -51,11 +52,15 @@ def run(args: argparse.Namespace) -> int:
         config = serve_cli.config_from_args(args)
         if args.fallbacks < 0:
             raise ValueError("--fallbacks must be 0 or more")
+        if args.workers != 1:
+            raise ValueError("--workers is for kvgate serve: run more kvgate epp replicas (with "
+                             "--redis-url) behind Envoy instead")
         listener = setup_logging(args.log_level, config.logs.format)
         grpc_host = args.grpc_host or config.listen.host
         try:
+            source = ConfigSource(lambda: serve_cli.config_from_args(args), args.config)
             runner(serve_epp(config, grpc_host=grpc_host, grpc_port=args.grpc_port,
-                             fallbacks=args.fallbacks, ready=_print_ready))
+                             fallbacks=args.fallbacks, ready=_print_ready, source=source))
         finally:
             listener.stop()
     except (ValueError, PolicyError, OSError, aiohttp.ClientError, RuntimeError) as exc:

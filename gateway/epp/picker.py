@@ -149,8 +149,6 @@ class Picker:
         self.admission = admission
         self.fallbacks = fallbacks
         self.addresses = addresses or Addresses()
-        self.panic_threshold = state.config.health.panic_threshold
-        self.max_body_bytes = state.config.limits.max_body_bytes
 
     def open(self) -> EppRequest:
         return EppRequest(self, time.perf_counter())
@@ -236,12 +234,14 @@ class EppRequest:
         404, 413, 415; 403/429/503 from admission; 503 when the pool has no pod to take it)."""
         picker = self.picker
         state = picker.state
+        config = state.config  # read per request: a reload (gateway/reload.py) may replace it
         assert self.target is not None
         path = self.target.path
-        if len(raw) > picker.max_body_bytes:
-            raise errors.body_too_large(picker.max_body_bytes)
+        limit = config.limits.max_body_bytes
+        if len(raw) > limit:
+            raise errors.body_too_large(limit)
         codings = content_codings(self.headers.getall("Content-Encoding", ()))
-        decoded = decode_body(raw, codings, picker.max_body_bytes) if codings and raw else raw
+        decoded = decode_body(raw, codings, limit) if codings and raw else raw
         body = self.body = parse_body(decoded, path)
         self.raw_body = decoded
         pool = self.pool = select_pool(state.pools, body)
@@ -249,9 +249,11 @@ class EppRequest:
         route = self.route = RouteRequest(
             request_id=self.request_id, model=pool.model, path=path, body=body or {}, headers=self.headers
         )
+        if pool.prefix_cache is not None:  # tokenized off the event loop, once, as serve does
+            await pool.prefix_cache.read_prompt(route.state, route)
         if picker.admission is not None:
             self.ticket = await picker.admission.admit(self)  # may wait; routed once admitted
-        candidates, panic = pool.candidates([], picker.panic_threshold)
+        candidates, panic = pool.candidates([], config.health.panic_threshold)
         candidates = [ep for ep in candidates if picker.addresses.of(ep) is not None]
         if not candidates:
             raise errors.no_healthy_endpoint(pool.model)

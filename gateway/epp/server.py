@@ -2,7 +2,8 @@
 
 The gateway app (`gateway.app.build_app`) is built and started exactly as `kvgate serve` starts it,
 so the pools, policies, prefix caches (KV-event subscribers), health checks, load scraping, LoRA
-adapter polling, Kubernetes discovery and admission control are serve's own. Its HTTP listener
+adapter polling, Kubernetes discovery, replica sync, live reload and admission control are serve's
+own. Its HTTP listener
 answers only the operational routes (`/metrics`, `/health`, `/ready`, `/v1/models`): API requests
 come through Envoy.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ from gateway.epp.picker import Addresses, Picker
 from gateway.errors import GatewayError
 from gateway.periodic import rounds
 from gateway.rejections import REJECTIONS
+from gateway.reload import RELOADER, ConfigSource, Reloader
 from gateway.runner import app_runner
 from gateway.state import STATE
 from gateway.target import TARGET_KEY
@@ -46,6 +49,7 @@ class RunningEpp:
     grpc: str
     url: str
     picker: Picker
+    reloader: Reloader
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -63,14 +67,16 @@ async def not_through_epp(request: web.Request, handler: Handler) -> web.StreamR
 
 @contextlib.asynccontextmanager
 async def running_epp(config: GatewayConfig, *, grpc_host: str, grpc_port: int, fallbacks: int = 2,
-                      registry: CollectorRegistry | None = None) -> AsyncIterator[RunningEpp]:
+                      registry: CollectorRegistry | None = None, source: ConfigSource | None = None
+                      ) -> AsyncIterator[RunningEpp]:
     """Start the gateway state, its HTTP listener (config.listen) and the gRPC server; stop both
-    (in-flight streams get timeouts.shutdown to end) when the block exits."""
+    (in-flight streams get timeouts.shutdown to end) when the block exits. `source`: where a live
+    reload reads the config again, as for serve."""
     for pool in config.pools:
         if any(e.role == "prefill" for e in pool.endpoints):
             log.warning("pool %s has prefill pods: kvgate epp routes to its decode pods only (P/D "
                         "disaggregation needs kvgate serve)", pool.model)
-    app = build_app(config, registry=registry)
+    app = build_app(config, registry=registry, source=source)
     app.middlewares.append(web.middleware(not_through_epp))
     runner = app_runner(app, handler_cancellation=True, shutdown_timeout=config.timeouts.shutdown,
                         access_log=None)
@@ -92,7 +98,7 @@ async def running_epp(config: GatewayConfig, *, grpc_host: str, grpc_port: int, 
         shown = f"[{grpc_host}]" if ":" in grpc_host else grpc_host
         async with rounds("address resolver", RESOLVE_INTERVAL_S,
                           lambda: addresses.resolve(state.pools.endpoints())):
-            yield RunningEpp(grpc=f"{shown}:{bound}", url=url, picker=picker)
+            yield RunningEpp(grpc=f"{shown}:{bound}", url=url, picker=picker, reloader=app[RELOADER])
     finally:
         if server is not None:
             await server.stop(config.timeouts.shutdown)
@@ -100,15 +106,15 @@ async def running_epp(config: GatewayConfig, *, grpc_host: str, grpc_port: int, 
 
 
 async def serve_epp(config: GatewayConfig, *, grpc_host: str, grpc_port: int, fallbacks: int,
-                    ready: Callable[[RunningEpp], None]) -> None:
-    """Run until SIGTERM/SIGINT."""
-    import signal
-
-    async with running_epp(config, grpc_host=grpc_host, grpc_port=grpc_port, fallbacks=fallbacks) as where:
+                    ready: Callable[[RunningEpp], None], source: ConfigSource | None = None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the config from `source`, as for serve."""
+    async with running_epp(config, grpc_host=grpc_host, grpc_port=grpc_port, fallbacks=fallbacks,
+                           source=source) as where:
         ready(where)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, where.reloader.trigger, "SIGHUP")
         await stop.wait()
         log.info("shutting down: finishing in-flight streams (up to %.0f s)", config.timeouts.shutdown)
