@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from array import array
@@ -180,6 +181,7 @@ class TokenizerWorker:
                 self._threads.append(t)
 
     def _run(self) -> None:
+        _lower_priority()
         q = self._queue
         while True:
             job = q.get()
@@ -215,6 +217,18 @@ class TokenizerWorker:
                     pass
             if stop:
                 return
+
+
+WORKER_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Run this thread (and the tokenizers library's thread pool, created from it) at a lower CPU
+    priority than the event loop: on a busy host the loop relaying streams preempts tokenizing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the process's priority
+        pass
 
 
 def _deliver(done: list[tuple[_Job, Outcome]]) -> None:

@@ -28,6 +28,7 @@ class RouterSpec:
     index: str | None = None
     extra_args: tuple[str, ...] = field(default=())
     python: str = sys.executable  # the interpreter that runs the router (a venv holding sglang_router)
+    sglang_policy: str = "cache_aware"  # the SGLang router's own --policy
 
     @classmethod
     def parse(cls, text: str, extra_args: Sequence[str] = ()) -> RouterSpec:
@@ -68,7 +69,7 @@ class RouterProcess:
         if spec.policy == SGLANG:
             self._port = free_port()
             argv = [spec.python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-                    "--port", str(self._port), "--policy", "cache_aware", "--log-level", "warn",
+                    "--port", str(self._port), "--policy", spec.sglang_policy, "--log-level", "warn",
                     *spec.extra_args, "--worker-urls", *backends]
         else:
             argv = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", "0",

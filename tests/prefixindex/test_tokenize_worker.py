@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from prefixindex.tokenize_worker import PromptEncoder, TokenizerWorker, encode_texts
 from prefixindex.tokenizer import HFTokenizer, WordTokenizer
 from router.policy import RouteRequest
-from router.prefix_cache import PrefixCache, PrefixCacheConfig
+from router.prefix_cache import KEY_SLICE_BLOCKS, PrefixCache, PrefixCacheConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -239,3 +242,28 @@ async def test_the_loop_stays_responsive_while_a_32k_token_prompt_tokenizes(hf: 
     # inline, the loop stalls for the whole encode; with the worker only for a small part of it
     assert inline_lag > 0.5 * inline_took
     assert lag < 0.25 * min(took, inline_took), (lag, took, inline_took)
+
+
+async def test_a_long_prompts_keys_hashed_in_slices_are_the_keys_prepare_computes(hf: HFTokenizer) -> None:
+    body = {"model": "m", "prompt": words(3000, 7)}  # ~8k tokens: more than one slice of blocks
+    inline = PrefixCache("m", PrefixCacheConfig(tokenizer_workers=0), tokenizer=hf)
+    worker = PrefixCache("m", PrefixCacheConfig(tokenizer_workers=1), tokenizer=hf)
+    try:
+        a, b = (RouteRequest("r", "m", "/v1/completions", body, {}) for _ in range(2))
+        inline.prepare(a.state, a)
+        await worker.read_prompt(b.state, b)
+        assert b.state.keys_block_size == 16 and len(b.state.keys) > KEY_SLICE_BLOCKS
+        assert b.state.keys == a.state.keys
+    finally:
+        await worker.close()
+
+
+ODD = ["w1", "_x", "٣", "²", "é", " ", "\u3000", "\x1c", "\u2028", "\t", ",", "a.b"]
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200)
+       | st.lists(st.sampled_from(ODD), max_size=40).map("".join))  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_the_word_tokenizers_split_fast_path_finds_the_words_the_regex_finds(text: str) -> None:
+    word = WordTokenizer()
+    assert word.encode(text) == [word._id(w) for w in re.findall(r"\w+|[^\w\s]+", text)]
