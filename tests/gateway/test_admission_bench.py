@@ -30,7 +30,7 @@ async def test_admission_bench_runs_none_and_fair_and_reports_the_figures(tmp_pa
     assert none["setup"] == "none" and fair["setup"] == "fair"
     for r in results:
         assert r["small_done"] > 0 and r["output_tps"] > 0 and r["hit_rate"] > 0
-        assert 0 < r["small_hit_rate"] <= 1 and 0 < r["heavy_hit_rate"] <= 1  # the pods reported cached tokens
+        assert 0 < r["small_hit_rate"] <= 1 and 0 < r["heavy_hit_rate"] <= 1  # pods reported cached tokens
         assert set(r["statuses"]) <= {f"{who}:{what}" for who in ("heavy", "small")
                                       for what in ("200", "429", "503", "cut")}
     assert none["small_admission_wait_p90"] is None and fair["small_admission_wait_p90"] is not None
