@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from prefixindex.tokenizer import WordTokenizer
-from router.endpoint import Endpoint
+from router.endpoint import Endpoint, PeerLoad
 from router.policies.predicted_ttft import PredictedTTFTPolicy
 from router.policy import Decision, PolicyContext, RouteRequest
 from router.prefix_cache import PrefixCache, PrefixCacheConfig
@@ -186,3 +186,16 @@ def test_built_from_config_with_prior_and_cache_params() -> None:
     ctx = PolicyContext("m", registry, prefix_cache=cache)
     with pytest.raises(ValueError):
         build_policy("cache_aware", {"weights": {"prefix": 1}}, ctx)
+
+
+def test_other_replicas_work_on_a_pod_steers_new_prefixes_away_and_is_summarised_for_them() -> None:
+    clock = Clock()
+    policy = make(clock)
+    eps = pods(2)
+    eps[0].peer_load = PeerLoad(prefilling=2, decoding=0, prefill_tokens=5_000)  # 5 s of others' prefill
+    for i in range(4):
+        assert send(policy, req(text(100 + i, 300)), eps).endpoint is eps[1]
+    eps[0].peer_load = None  # the summaries expired: only this replica's own work counts again
+    assert send(policy, req(text(200, 300)), eps).endpoint is eps[0]
+    summary = {ep: rest for ep, *rest in policy.load_summary()}
+    assert summary[eps[1]] == [4, 0, 1_200] and summary[eps[0]] == [1, 0, 300]
