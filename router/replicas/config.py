@@ -16,7 +16,7 @@ class ReplicasConfig:
     """How the replicas of one gateway fleet share what they learn through Redis (router/replicas)."""
 
     redis_url: str = ""  # required: redis://HOST:6379/0 (rediss:// for TLS, unix:///path.sock)
-    # the Redis stream the fleet shares; replicas of another fleet (other pods) use another name
+    # the Redis stream the fleet shares (and `<channel>:load`); another fleet (other pods): another name
     channel: str = "kvgate"
     # stream entries Redis keeps (MAXLEN ~): a replica that (re)joins replays them to warm its index
     history: int = 10000

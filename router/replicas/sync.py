@@ -1,8 +1,9 @@
 """Replica sync: gateway replicas behind one load balancer share what they route, through Redis.
 
-Transport: one Redis stream (`replicas.channel`, trimmed to about `history` entries). Every replica
-appends its messages (router/replicas/wire.py) and reads everyone's with a blocking XREAD on its own
-connection, so a record reaches the others within a round trip; its own (same replica id) it skips.
+Transport: Redis streams, `replicas.channel` for blocks (trimmed to about `history` entries) and
+`<channel>:load` for load summaries (short: they expire anyway). Every replica appends its messages
+(router/replicas/wire.py) and reads everyone's with one blocking XREAD of both on its own connection,
+so a record reaches the others within a round trip; its own (same replica id) it skips.
 A stream rather than pub/sub, because a reader resumes from the last entry it saw: a dropped
 connection or a restarted Redis loses nothing that was appended, and a replica that (re)joins replays
 the history kept (the recent routing of the whole fleet) into its index before it has routed anything.
@@ -46,6 +47,7 @@ from router.replicas.config import ReplicasConfig
 log = logging.getLogger("kvgate.replicas")
 
 FIELD = b"m"  # the stream entry's one field: the message
+LOAD_HISTORY = 1000  # entries kept in the load stream (a joiner reads it from "now", never the past)
 READ_BLOCK_MS = 1000  # a blocking XREAD returns at least this often (so a cancel is never stuck)
 READ_COUNT = 512  # entries per XREAD
 WRITE_BATCH = 64  # messages sent in one pipeline
@@ -127,7 +129,11 @@ class ReplicaSync:
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(config.queue)
         self._peers: dict[int, tuple[float, list[wire.LoadRecord]]] = {}  # replica -> (received, summary)
         self._offset_ms = 0.0  # local wall clock minus Redis's, measured at connect
-        self._last_id = b"0-0"  # the stream entry read last: a new replica replays the history kept
+        self._blocks_stream = config.channel
+        self._load_stream = config.channel + ":load"
+        # the entry read last per stream: blocks from the start (replay the history kept), load from
+        # the Redis clock's "now" once known (None until then)
+        self._last_ids: dict[str, bytes | str | None] = {self._blocks_stream: b"0-0", self._load_stream: None}
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: Any = None
         self._writer: Any = None
@@ -219,20 +225,22 @@ class ReplicaSync:
 
     async def _read_loop(self) -> None:
         failures = 0
-        stream = self.config.channel
+        last = self._last_ids
         clock_known = False
         while True:
             try:
                 if not clock_known:  # on every (re)connection: Redis may be another server now
                     await self._measure_clock()
                     clock_known = True
-                reply = await self._reader.xread({stream: self._last_id}, count=READ_COUNT,
-                                                 block=READ_BLOCK_MS)
+                    if last[self._load_stream] is None:
+                        last[self._load_stream] = f"{int(time.time() * 1000 - self._offset_ms)}-0"
+                reply = await self._reader.xread(last, count=READ_COUNT, block=READ_BLOCK_MS)
                 self._set_connected(True)
                 failures = 0
-                for _name, entries in reply or ():
+                for name, entries in reply or ():
+                    stream = name.decode() if isinstance(name, bytes) else name
                     for entry_id, fields in entries:
-                        self._last_id = entry_id
+                        last[stream] = entry_id
                         payload = fields.get(FIELD)
                         if payload is not None:
                             self._receive(entry_id, payload)
@@ -255,15 +263,16 @@ class ReplicaSync:
 
     async def _write_loop(self) -> None:
         failures = 0
-        stream = self.config.channel
-        maxlen = self.config.history
+        where = {"blocks": (self._blocks_stream, self.config.history),
+                 "load": (self._load_stream, LOAD_HISTORY)}
         while True:
             batch = [await self._outbox.get()]
             while len(batch) < WRITE_BATCH and not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
             try:
                 pipe = self._writer.pipeline(transaction=False)
-                for _kind, payload in batch:
+                for kind, payload in batch:
+                    stream, maxlen = where[kind]
                     pipe.xadd(stream, {FIELD: payload}, maxlen=maxlen, approximate=True)
                 await pipe.execute()
                 self._set_connected(True)

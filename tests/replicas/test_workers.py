@@ -73,6 +73,12 @@ async def test_two_workers_share_one_port_and_their_state(redis_server: RedisSer
                 prefix = text(5, 192)
                 status, _ = await fresh_connection_post(base, prefix + " first")
                 assert status == 200
+
+                async def the_other_worker_applied_it() -> bool:
+                    applied = await metric_samples(http, base, "kvgate_replica_sync_applied_total")
+                    return sum(v for k, v in applied.items() if ("kind", "blocks") in k) >= 1
+
+                await eventually(the_other_worker_applied_it, within=10.0, interval=0.01)
                 before = per_worker(await metric_samples(http, base, "kvgate_prefix_cached_tokens_total"))
                 answers = [await fresh_connection_post(base, prefix + f" q{i}") for i in range(30)]
                 assert all(s == 200 for s, _ in answers)
