@@ -23,7 +23,8 @@ the reader and writer retry with jittered exponential backoff, each replica keep
 own routing, and peer load expires into what the scrape reconciles (the behaviour of one replica).
 
 Metrics: kvgate_replica_sync_{published,applied,dropped,skipped}_total, kvgate_replica_sync_connected,
-kvgate_replica_sync_peers and kvgate_replica_sync_delay_seconds (from Redis appending a record to
+kvgate_replica_sync_peers, kvgate_replica_sync_peer_in_flight{model,endpoint} and
+kvgate_replica_sync_delay_seconds (from Redis appending a record to
 this replica applying it, measured on Redis's clock).
 """
 
@@ -83,6 +84,9 @@ class ReplicaMetrics:
                                "1 while the last Redis command succeeded, else 0.", **kw)
         self.peers = Gauge("kvgate_replica_sync_peers",
                            "Other replicas whose load summary is younger than load_ttl_s.", **kw)
+        self.peer_in_flight = Gauge("kvgate_replica_sync_peer_in_flight",
+                                    "Requests the other replicas have in flight on each pod, summed.",
+                                    ["model", "endpoint"], **kw)
         self.delay = Histogram("kvgate_replica_sync_delay_seconds",
                                "From Redis appending another replica's blocks message to applying it here.",
                                buckets=DELAY_BUCKETS, **kw)
@@ -355,9 +359,11 @@ class ReplicaSync:
                 acc[0] += r.prefilling
                 acc[1] += r.decoding
                 acc[2] += r.prefill_tokens
+        gauge = self.metrics.peer_in_flight
         for ep in self._endpoints():
             acc = sums.get((ep.model, ep.url))
             ep.peer_load = PeerLoad(*acc) if acc is not None else None  # None: the scrape alone decides
+            gauge.labels(ep.model, ep.url).set(acc[0] + acc[1] if acc is not None else 0)
 
 
 def _entry_ms(entry_id: bytes | str) -> float:
