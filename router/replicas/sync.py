@@ -133,6 +133,7 @@ class ReplicaSync:
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(config.queue)
         self._peers: dict[int, tuple[float, list[wire.LoadRecord]]] = {}  # replica -> (received, summary)
         self._offset_ms = 0.0  # local wall clock minus Redis's, measured at connect
+        self._joined_ms = float("inf")  # Redis's clock at the first connect: older entries are history
         self._blocks_stream = config.channel
         self._load_stream = config.channel + ":load"
         # the entry read last per stream: blocks from the start (replay the history kept), load from
@@ -236,8 +237,10 @@ class ReplicaSync:
                 if not clock_known:  # on every (re)connection: Redis may be another server now
                     await self._measure_clock()
                     clock_known = True
+                    self._set_connected(True)
                     if last[self._load_stream] is None:
-                        last[self._load_stream] = f"{int(time.time() * 1000 - self._offset_ms)}-0"
+                        self._joined_ms = time.time() * 1000 - self._offset_ms
+                        last[self._load_stream] = f"{int(self._joined_ms)}-0"
                 reply = await self._reader.xread(last, count=READ_COUNT, block=READ_BLOCK_MS)
                 self._set_connected(True)
                 failures = 0
@@ -303,6 +306,8 @@ class ReplicaSync:
             await asyncio.sleep(interval)
 
     def _publish_load(self) -> None:
+        if not self.connected:  # a summary queued through an outage would arrive stale as fresh
+            return
         records = [
             wire.LoadRecord(model, ep.url, prefilling, decoding, tokens)
             for model, source in self._load_sources().items()
@@ -320,11 +325,13 @@ class ReplicaSync:
             return
         if replica == self.replica_id:
             return
-        age_s = (time.time() * 1000 - self._offset_ms - _entry_ms(entry_id)) / 1000
+        entry_ms = _entry_ms(entry_id)
+        age_s = (time.time() * 1000 - self._offset_ms - entry_ms) / 1000
         try:
             if kind == wire.KIND_BLOCKS:
                 self._apply_blocks(payload)
-                self.metrics.delay.observe(max(0.0, age_s))
+                if entry_ms >= self._joined_ms - 1000:  # live, not the history replayed at join
+                    self.metrics.delay.observe(max(0.0, age_s))
             elif age_s > self.config.load_ttl_s:  # a summary replayed from the history: long over
                 self.metrics.skipped.labels("stale").inc()
             else:
