@@ -28,6 +28,7 @@ from aiohttp import web
 from helpers import eventually
 from kv_publisher_fake import FakePublisher
 from prometheus_client import CollectorRegistry
+from redis_support import RedisServer
 
 from bench.sim.fleet import SimFleet
 from gateway.app import build_app
@@ -57,7 +58,8 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def test_the_dashboard_has_the_panels_operators_need() -> None:
     titles = " | ".join(title for title, _ in dashboard_queries()).lower()
-    for needed in ("panic", "p/d", "ttft model", "prediction error", "refused", "kv events", "cost"):
+    for needed in ("panic", "p/d", "ttft model", "prediction error", "refused", "kv events", "cost",
+                   "replica sync"):
         assert needed in titles, needed
     assert not [e for _, e in dashboard_queries() if re.search(r"\$\w", e)], "a variable left unset"
 
@@ -192,6 +194,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
     tasks: list[asyncio.Task[None]] = []
     runner: web.AppRunner | None = None
     async with (
+        RedisServer(tmp_path) as redis,  # the replica sync's panel
         SimFleet(2, model="m", kv_events_endpoint="tcp://127.0.0.1:*", **FAST) as fleet,
         SimFleet(2, model="pd", per_pod=[{"role": "prefill", "engine_id": "p0"},
                                          {"role": "decode", "engine_id": "d0"}], **FAST) as pd_fleet,
@@ -220,6 +223,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
                     },
                     "health": {"interval": 0.5, "timeout": 0.4, "eject_after": 1, "panic_threshold": 0.4},
                     "scrape": {"interval": 0.5, "timeout": 0.4},
+                    "replicas": {"redis_url": redis.url, "load_interval_s": 0.2, "load_ttl_s": 1.0},
                 }
             )  # fmt: skip
             app = build_app(cfg, registry=CollectorRegistry())

@@ -91,3 +91,9 @@ class RedisServer:
 
     async def stop(self) -> None:
         await self.kill()
+
+    async def __aenter__(self) -> RedisServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
