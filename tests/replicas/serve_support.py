@@ -8,7 +8,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -95,9 +95,19 @@ async def complete(http: aiohttp.ClientSession, base: str, prompt: str) -> Answe
 
 
 async def round_robin(http: aiohttp.ClientSession, gateways: Sequence[str], prompts: Sequence[str],
-                      start: int = 0) -> list[Answer]:
-    """Each prompt in turn, to the next gateway in turn (a plain round-robin load balancer)."""
-    return [await complete(http, gateways[(start + i) % len(gateways)], p) for i, p in enumerate(prompts)]
+                      start: int = 0, settle: Callable[[list[int]], Awaitable[None]] | None = None,
+                      ) -> list[Answer]:
+    """Each prompt in turn, to the next gateway in turn (a plain round-robin load balancer); after each,
+    `settle(requests sent to each gateway so far)` when given."""
+    answers = []
+    sent = [0] * len(gateways)
+    for i, p in enumerate(prompts):
+        g = (start + i) % len(gateways)
+        answers.append(await complete(http, gateways[g], p))
+        sent[g] += 1
+        if settle is not None:
+            await settle(sent)
+    return answers
 
 
 async def metric_samples(http: aiohttp.ClientSession, base: str, name: str) -> dict[tuple, float]:

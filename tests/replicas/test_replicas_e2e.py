@@ -3,7 +3,10 @@
 The pod hit rate is what the simulated pods themselves report (vllm:prefix_cache_hits / queries), for
 the same interleaved shared-prefix workload sent to one replica, or to three in turn:
 - approximate index: with Redis the three share every routing decision and match one replica (within
-  5%); without it each learns alone and the hit rate falls (the control, so the test can fail);
+  5%); without it each learns alone and the hit rate falls (the control, so the test can fail). The
+  client sends the next request once the others applied the last one's record (at most 2 s): what is
+  compared is what the replicas share, not how this machine's load delays it (a few ms:
+  `python -m bench.replica_sync`), so a busy CI host cannot turn a close race into a miss;
 - precise index: every replica subscribes to every pod's KV events (a pod's ZMQ PUB takes many SUBs),
   so they see the same events and route like one without anything shared.
 Redis killed mid-run: every request still answers 200 and routing goes on; once it is back, a prefix
@@ -22,6 +25,7 @@ from serve_support import (
     ServeProcess,
     client,
     complete,
+    metric,
     metric_samples,
     round_robin,
     shared_prefix_workload,
@@ -67,7 +71,7 @@ async def hit_rate(replicas: int, index: str, redis_url: str | None = None) -> f
             if index == "precise":  # each replica's subscriptions are up: a probe's events reach them
                 await complete(http, urls[0], text(999, 40))
             before = await scrape(http, fleet.urls)
-            answers = await round_robin(http, urls, PROMPTS)
+            answers = await round_robin(http, urls, PROMPTS, settle=synced(http, urls) if redis_url else None)
             after = await scrape(http, fleet.urls)
             if index == "precise":
                 await same_events_everywhere(http, urls)
@@ -77,6 +81,23 @@ async def hit_rate(replicas: int, index: str, redis_url: str | None = None) -> f
     rate = delta(before, after).hit_rate
     assert rate is not None
     return rate
+
+
+def synced(http, urls: list[str]):
+    """After a request: wait until each replica applied the records the others published so far (one
+    per request routed there)."""
+
+    async def settle(sent: list[int]) -> None:
+        async def applied() -> bool:
+            for i, u in enumerate(urls):
+                have = await metric(http, u, "kvgate_replica_sync_applied_total", kind="blocks")
+                if have < sum(sent) - sent[i]:
+                    return False
+            return True
+
+        await eventually(applied, within=2.0, interval=0.01, what="each replica to apply the others' records")
+
+    return settle
 
 
 async def same_events_everywhere(http, urls: list[str]) -> None:
