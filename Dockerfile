@@ -1,6 +1,7 @@
 # kvgate: KV-cache-aware inference gateway. Build: docker build -t kvgate:0.1.0 .
-# The runtime image holds the gateway, Kubernetes discovery and the simulator's extras, not the benchmark's
-# (numpy, matplotlib, locust): `kvgate bench` there says in one line what to install.
+# The runtime image holds the gateway, Kubernetes discovery, the endpoint picker (kvgate epp) and the
+# simulator's extras, not the benchmark's (numpy, matplotlib, locust): `kvgate bench` there says in one
+# line what to install.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -10,7 +11,7 @@ COPY gateway ./gateway
 COPY router ./router
 COPY prefixindex ./prefixindex
 COPY bench ./bench
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[sim,kubernetes]'
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[sim,kubernetes,epp]'
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="kvgate" \
