@@ -304,8 +304,11 @@ class EppRequest:
             decision = self.decision
             assert decision is not None
         self.served_by = decision.endpoint
-        if ep is not None or served is None:
-            self.picker.state.health.attempt_succeeded(decision.endpoint)
+        health = self.picker.state.health
+        if status in self.picker.state.config.retries.on_status:  # the pod's, or Envoy's after a
+            health.attempt_failed(decision.endpoint, f"status_{status}")  # failed connect: as serve
+        else:
+            health.attempt_succeeded(decision.endpoint)
         added = {X_ENDPOINT: decision.endpoint.url, X_REQUEST_ID: self.request_id,
                  X_CACHED_TOKENS: str(decision.cached_tokens), **self.extra_headers}
         if end_of_stream:

@@ -11,6 +11,7 @@ admission slot) balance after every kind of ending, a client leaving mid-stream 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import random
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from aiohttp import web
 from envoy_support import Envoy, envoy_config, free_port
@@ -303,7 +305,12 @@ async def test_without_fallbacks_a_killed_pick_fails_and_is_counted(tmp_path: Pa
                                   json={"model": MODEL, "prompt": "x", "max_tokens": 1}) as r:
                     statuses.append(r.status)
         assert sorted(statuses) == [200, 503]
-        await books_balance(stack.picker_pool)
+        pool = stack.picker_pool
+        await books_balance(pool)
+        dead = next(ep for ep in pool.endpoints if ep.url == fleet.pods[0].url)
+        assert dead.consecutive_failures == 1  # Envoy's 503 for the refused connection counts, as in serve
+        errors = f'kvgate_upstream_errors_total{{endpoint="{dead.url}",kind="status_503"}}'
+        assert await metric(stack.metrics_url, errors) == 1.0
 
 
 @pytest.mark.slow
@@ -328,3 +335,31 @@ async def test_a_client_leaving_mid_stream_releases_the_books(tmp_path: Path) ->
             left = 'kvgate_requests_total{endpoint="%s",model="%s",status="499"}'
             assert await metric(stack.metrics_url, left % (pool.endpoints[0].url, MODEL)) + await metric(
                 stack.metrics_url, left % (pool.endpoints[1].url, MODEL)) == 1.0
+
+
+@pytest.mark.slow
+async def test_api_keys_aliases_and_compressed_bodies_as_serve(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pod gets the body as serve would send it: an alias replaced by the served name, a gzip body
+    decoded (Envoy sends the new body and its length); a missing API key is serve's 401."""
+    monkeypatch.setenv("KVGATE_EPP_TEST_KEYS", "sk-one")
+    async with SimFleet(2, **FAST) as fleet:
+        cfg = pool_config(fleet, "round_robin", aliases={"nickname": MODEL})
+        cfg.auth.api_keys_env = "KVGATE_EPP_TEST_KEYS"
+        async with envoy_stack(fleet, cfg, tmp_path) as stack, aiohttp.ClientSession() as s:
+            body = {"model": "nickname", "prompt": "hello there", "max_tokens": 2}
+            async with s.post(stack.url + "/v1/completions", json=body) as r:
+                assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
+            auth = {"Authorization": "Bearer sk-one", "Content-Type": "application/json"}
+            async with s.post(stack.url + "/v1/completions", json=body, headers=auth) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["model"] == MODEL  # the pod was asked for the served name
+            packed = gzip.compress(orjson.dumps({**body, "model": MODEL}))
+            async with s.post(stack.url + "/v1/completions", data=packed,
+                              headers={**auth, "Content-Encoding": "gzip"}) as r:
+                assert r.status == 200, await r.text()
+            async with s.post(stack.url + "/v1/completions", data=b"\x1f\x8bnot gzip",
+                              headers={**auth, "Content-Encoding": "gzip"}) as r:
+                assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_body_encoding"
+            async with s.get(stack.url + "/health") as r:
+                assert r.status == 200  # open without a key, as serve's
