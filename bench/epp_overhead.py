@@ -5,7 +5,8 @@
 
 Cost: two trivial pods (bench.proxy_overhead's instant upstream, so every microsecond is a router's
 or the client's); per policy, `kvgate serve` and Envoy (one worker) + `kvgate epp` both run in front of
-them and requests alternate between the two (and direct access), half streamed. CPU time per request
+them (and, with `--sglang-python`, the SGLang router) and requests alternate between them and direct
+access, half streamed. CPU time per request
 comes from /proc of each process: serve; epp and Envoy (each and summed). Latency: the whole
 non-streamed answer and a stream's first chunk, p50, against direct.
 
@@ -34,7 +35,7 @@ from bench.loadgen import podmetrics
 from bench.loadgen.envoy import EnvoyEpp
 from bench.loadgen.harness import reset_prefix_caches, warmup_workload
 from bench.loadgen.procs import ChildProcess
-from bench.loadgen.routers import RouterProcess, RouterSpec
+from bench.loadgen.routers import SGLANG, RouterProcess, RouterSpec
 from bench.loadgen.runner import run_async, run_workload
 from bench.loadgen.stats import percentile, summarize
 from bench.presets import PRESETS
@@ -42,7 +43,7 @@ from bench.proxy_overhead import READY, cpu_seconds
 from bench.workloads import OpenLoop, shared_prefix
 
 JSON = {"Content-Type": "application/json"}
-MODES = ("direct", "serve", "epp")
+MODES = ("direct", "serve", "epp")  # plus "sglang" with --sglang-python
 
 
 def bodies(n: int, prompt_tokens: int, seed: int = 0) -> list[bytes]:
@@ -99,12 +100,18 @@ async def cost(opts: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         for policy in opts.policies:
             serve = RouterProcess(RouterSpec(policy), urls, "m", log_dir)
             split = EnvoyEpp(urls, "m", ["--policy", policy, "--no-access-log"], log_dir / policy)
+            sglang = (RouterProcess(RouterSpec(SGLANG, python=opts.sglang_python), urls, "m", log_dir)
+                      if opts.sglang_python else None)
             (log_dir / policy).mkdir(exist_ok=True)
             try:
                 served, split_url = await serve.start(60.0), await split.start(60.0)
                 targets = {"direct": urls, "serve": [served], "epp": [split_url]}
                 assert serve.process.proc is not None
                 pids = {"serve": serve.process.proc.pid, **split.pids()}
+                if sglang is not None:
+                    targets["sglang"] = [await sglang.start(60.0)]
+                    assert sglang.process.proc is not None
+                    pids["sglang"] = sglang.process.proc.pid
                 async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
                     warm = bodies(100, opts.prompt_tokens, seed=1)
                     await alternate(session, targets, warm, opts.concurrency)
@@ -115,12 +122,16 @@ async def cost(opts: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             finally:
                 await split.stop()
                 await serve.stop()
+                if sglang is not None:
+                    await sglang.stop()
             n = opts.requests
             result: dict[str, Any] = {f"cpu_us_per_request_{k}": 1e6 * v / n for k, v in cpu.items()}
             result["cpu_us_per_request_envoy_plus_epp"] = 1e6 * (cpu["epp"] + cpu["envoy"]) / n
             result["cpu_ratio_split_to_serve"] = (cpu["epp"] + cpu["envoy"]) / cpu["serve"]
+            if "sglang" in cpu:
+                result["cpu_ratio_split_to_sglang"] = (cpu["epp"] + cpu["envoy"]) / cpu["sglang"]
             for kind in ("full", "ttft"):
-                for mode in MODES:
+                for mode in targets:
                     result[f"{kind}_p50_ms_{mode}"] = 1e3 * (percentile(samples[mode][kind], 50) or 0.0)
             out[policy] = result
     finally:
@@ -173,10 +184,17 @@ def report(result: dict[str, Any]) -> str:
                      f"{r['cpu_us_per_request_envoy']:.0f} + epp {r['cpu_us_per_request_epp']:.0f} = "
                      f"{r['cpu_us_per_request_envoy_plus_epp']:.0f} "
                      f"({r['cpu_ratio_split_to_serve']:.2f}x serve)")
+        if "cpu_us_per_request_sglang" in r:
+            lines.append(f"  CPU us/request: SGLang router {r['cpu_us_per_request_sglang']:.0f} (envoy+epp "
+                         f"{r['cpu_ratio_split_to_sglang']:.2f}x it)")
         for kind, label in (("full", "answer"), ("ttft", "first chunk")):
             d, s, e = (r[f"{kind}_p50_ms_{m}"] for m in MODES)
-            lines.append(f"  {label} p50 ms: direct {d:.2f} | serve {s:.2f} (+{s - d:.2f}) | "
-                         f"envoy+epp {e:.2f} (+{e - d:.2f})")
+            line = (f"  {label} p50 ms: direct {d:.2f} | serve {s:.2f} (+{s - d:.2f}) | "
+                    f"envoy+epp {e:.2f} (+{e - d:.2f})")
+            if f"{kind}_p50_ms_sglang" in r:
+                g = r[f"{kind}_p50_ms_sglang"]
+                line += f" | sglang {g:.2f} (+{g - d:.2f})"
+            lines.append(line)
     q = result.get("quality")
     if q:
         lines.append(f"quality, cache_aware, quick preset at {result['rate']:g} req/s")
@@ -198,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default="round_robin,cache_aware")
     parser.add_argument("--rate", type=float, default=14.0, help="quality: Poisson requests/s")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sglang-python", help="cost: also the SGLang router (cache_aware), run by this "
+                        "interpreter (a venv with sglang-router installed)")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--out", help="also write the figures as JSON here")

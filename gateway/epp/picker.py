@@ -102,18 +102,26 @@ class Addresses:
 
     def __init__(self) -> None:
         self._resolved: dict[str, str] = {}  # host name -> first address it resolved to
+        self._literal: dict[str, str | None] = {}  # URL naming an IP (or no port: None) -> host:port
 
     def of(self, ep: Endpoint) -> str | None:
+        known = self._literal.get(ep.url, "")
+        if known != "":
+            return known
+        if len(self._literal) > 4096:  # pods come and go (discovery): forget the ones gone, now and then
+            self._literal.clear()
         url = URL(ep.url)
         host, port = url.host or "", url.port
         if port is None:
+            self._literal[ep.url] = None
             return None
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             resolved = self._resolved.get(host)
             return None if resolved is None else _host_port(resolved, port)
-        return _host_port(str(ip), port)
+        address = self._literal[ep.url] = _host_port(str(ip), port)
+        return address
 
     async def resolve(self, endpoints: Iterable[Endpoint]) -> None:
         loop = asyncio.get_running_loop()
