@@ -150,7 +150,7 @@ async def quality(opts: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         SimFleetProcess(preset.pods, model=model, **preset.pod_options) as fleet,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
     ):
-        for run, name in enumerate(("serve", "epp")):
+        for run, name in enumerate(opts.order):
             await reset_prefix_caches(http, fleet.urls)
             router: RouterProcess | EnvoyEpp
             if name == "serve":
@@ -218,11 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sglang-python", help="cost: also the SGLang router (cache_aware), run by this "
                         "interpreter (a venv with sglang-router installed)")
+    parser.add_argument("--order", default="serve,epp", help="quality: which router runs first")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--out", help="also write the figures as JSON here")
     opts = parser.parse_args(argv)
     opts.policies = [p for p in opts.policies.split(",") if p]
+    opts.order = [r for r in opts.order.split(",") if r]
+    if sorted(opts.order) != ["epp", "serve"]:
+        parser.error("--order: serve,epp or epp,serve")
     result: dict[str, Any] = {"requests": opts.requests, "prompt_tokens": opts.prompt_tokens,
                               "concurrency": opts.concurrency, "rate": opts.rate}
     with TemporaryDirectory(prefix="kvgate-epp-") as tmp:

@@ -114,6 +114,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             pick = await req.pick(raw)
         except GatewayError as exc:
             return self._refused(exc)
+        except Exception as exc:  # a bug: the client still gets an OpenAI-shaped answer, as from serve
+            log.exception("epp: routing request %s failed", req.request_id)
+            return self._refused(GatewayError(500, f"Internal gateway error: {type(exc).__name__}",
+                                              type="server_error"))
         return _pick_response(pick, body=body)
 
     def _refused(self, exc: GatewayError) -> pb.ProcessingResponse:

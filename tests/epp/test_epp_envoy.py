@@ -229,8 +229,14 @@ async def test_errors_are_serves_status_and_openai_body(tmp_path: Path) -> None:
                 assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_route"
             async with s.post(stack.url + "/metrics", data=b"{}") as r:
                 assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
-            # no pod to take it: the pool lost every pod (discovery) -> 503, as serve answers
             pool = stack.picker_pool
+            real_pick = pool.policy.pick
+            pool.policy.pick = lambda *a: 1 / 0  # type: ignore[method-assign]
+            async with s.post(stack.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}) as r:
+                assert r.status == 500  # a bug in routing: an OpenAI-shaped 500, not a reset stream
+                assert (await r.json())["error"]["type"] == "server_error"
+            pool.policy.pick = real_pick  # type: ignore[method-assign]
+            # no pod to take it: the pool lost every pod (discovery) -> 503, as serve answers
             pool.update_endpoints([], list(pool.endpoints))
             async with s.post(stack.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}) as r:
                 assert r.status == 503
