@@ -29,6 +29,7 @@ OPTIONAL_MODULES: dict[str, str] = {
     "redis": "redis",
     "grpc": "epp",  # grpcio
     "envoy": "epp",  # xds-protos: Envoy's generated protobufs
+    "grpc_health": "epp",  # grpcio-health-checking
 }
 EXIT_USAGE = 2
 

@@ -8,7 +8,7 @@ proxies the bytes itself; kvgate answers with the pod that `kvgate serve` would 
                  (in-flight counts, policy hooks, metrics) from the response messages
     extproc.py   the ext_proc servicer: protobuf messages in, `EppRequest` calls, protobuf out
     server.py    the process: the gateway app (state, health, scraping, discovery, /metrics on HTTP)
-                 plus the gRPC server on its own port
+                 plus the gRPC server on its own port (ext_proc and grpc.health.v1)
 
 Only `extproc.py` and `server.py` import grpc and the Envoy protobufs (the `epp` extra).
 """

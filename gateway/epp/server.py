@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from gateway.admission.controller import ADMISSION
@@ -32,13 +33,18 @@ from gateway.periodic import rounds
 from gateway.rejections import REJECTIONS
 from gateway.reload import RELOADER, ConfigSource, Reloader
 from gateway.runner import app_runner
-from gateway.state import STATE
+from gateway.state import STATE, GatewayState
 from gateway.target import TARGET_KEY
 
 log = logging.getLogger("kvgate.epp")
 
 DEFAULT_GRPC_PORT = 9002  # the Gateway API Inference Extension's EPP port
 RESOLVE_INTERVAL_S = 30.0  # how often host names in endpoint URLs are resolved again
+HEALTH_INTERVAL_S = 1.0  # how often the gRPC health statuses follow the pods' health
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# The endpoint picker protocol's gRPC health services: liveness is the process answering; readiness
+# (and the ext_proc service, and "" for the whole server) that some pod is healthy, as GET /ready.
+READINESS_SERVICES = ("readiness", EXT_PROC_SERVICE, "")
 
 
 @dataclass(slots=True)
@@ -93,16 +99,31 @@ async def running_epp(config: GatewayConfig, *, grpc_host: str, grpc_port: int, 
                         addresses=addresses)
         server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(picker), server)
+        checks = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checks, server)
         bound = server.add_insecure_port(f"{grpc_host}:{grpc_port}")
         await server.start()
         shown = f"[{grpc_host}]" if ":" in grpc_host else grpc_host
-        async with rounds("address resolver", RESOLVE_INTERVAL_S,
-                          lambda: addresses.resolve(state.pools.endpoints())):
+        async with (
+            rounds("address resolver", RESOLVE_INTERVAL_S,
+                   lambda: addresses.resolve(state.pools.endpoints())),
+            rounds("grpc health", HEALTH_INTERVAL_S, lambda: report_health(checks, state)),
+        ):
             yield RunningEpp(grpc=f"{shown}:{bound}", url=url, picker=picker, reloader=app[RELOADER])
+            await checks.enter_graceful_shutdown()  # every service NOT_SERVING while streams drain
     finally:
         if server is not None:
             await server.stop(config.timeouts.shutdown)
         await runner.cleanup()
+
+
+async def report_health(checks: health.aio.HealthServicer, state: GatewayState) -> None:
+    ready = any(ep.healthy for ep in state.pools.endpoints())
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await checks.set("liveness", serving)
+    status = serving if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in READINESS_SERVICES:
+        await checks.set(service, status)
 
 
 async def serve_epp(config: GatewayConfig, *, grpc_host: str, grpc_port: int, fallbacks: int,
