@@ -8,14 +8,13 @@ pod's own cache; a restarted gateway rebuilds that view from the pods' replay so
 from __future__ import annotations
 
 import random
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import eventually
+from helpers import eventually, free_port
 from prometheus_client import CollectorRegistry
 
 from bench.sim.fleet import SimFleet
@@ -39,12 +38,6 @@ def text(seed: int, n: int) -> str:
 
 def probe(prompt: str) -> RouteRequest:
     return RouteRequest("probe", MODEL, "/v1/completions", {"model": MODEL, "prompt": prompt}, {})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gateway:

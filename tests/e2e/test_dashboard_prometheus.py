@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +23,7 @@ import aiohttp
 import pytest
 import zmq.asyncio
 from aiohttp import web
-from helpers import eventually
+from helpers import eventually, free_port, service_binary
 from kv_publisher_fake import FakePublisher
 from prometheus_client import CollectorRegistry
 from redis_support import RedisServer
@@ -64,19 +62,9 @@ def test_the_dashboard_has_the_panels_operators_need() -> None:
     assert not [e for _, e in dashboard_queries() if re.search(r"\$\w", e)], "a variable left unset"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is missing in CI: install Debian's prometheus package")
-        pytest.skip("prometheus not installed (apt-get install prometheus)")
-    return found
+    return service_binary(shutil.which("prometheus"), "prometheus", "install Debian's prometheus package",
+                          "apt-get install prometheus")
 
 
 class FlakyPod:

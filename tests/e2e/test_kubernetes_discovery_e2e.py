@@ -13,7 +13,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import yaml
 from aiohttp import web
 from fake_kube_api import FakeKubeApi
-from helpers import eventually
+from helpers import eventually, free_port
 from prometheus_client import CollectorRegistry
 
 from bench.sim.fleet import SimFleet
@@ -235,12 +234,6 @@ async def test_a_dropped_watch_and_a_410_relist_keep_the_pool_and_its_index_and_
                 assert (status, url) == (200, home) and cached >= 160
         finally:
             await gw.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_precise_index_follows_discovered_pods_kv_events_from_their_annotations(

