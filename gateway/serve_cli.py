@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, get_args
 
 import aiohttp
@@ -366,18 +366,30 @@ def run_workers(args: argparse.Namespace, config: GatewayConfig) -> int:
     return supervise(argv, args.workers, config.listen.host, config.listen.port)
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format=TEXT_FORMAT)
+Runner = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+def loop_runner() -> Runner:
+    """uvloop.run where uvloop is installed (not on every platform), else asyncio.run."""
     try:
         import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
-        runner = uvloop.run
-    except ImportError:  # uvloop is not available on every platform
-        runner = asyncio.run
+
+def startup_config(args: argparse.Namespace, runner: Runner) -> GatewayConfig:
+    """The config of `serve` and `epp`: quick start without --model asks the first backend its model."""
+    if not args.config and args.backend and not args.model:
+        args.model = runner(discover_model(parse_backend(args.backend[0])[0]))
+    return config_from_args(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format=TEXT_FORMAT)
+    runner = loop_runner()
     try:
-        if not args.config and args.backend and not args.model:
-            args.model = runner(discover_model(parse_backend(args.backend[0])[0]))
-        config = config_from_args(args)
+        config = startup_config(args, runner)
         if args.workers != 1:
             return run_workers(args, config)
         listener = setup_logging(args.log_level, config.logs.format)  # off the event loop from here on

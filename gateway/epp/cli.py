@@ -9,7 +9,6 @@ Needs the `epp` extra (grpcio, xds-protos): without it, one line says so (gatewa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -40,16 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=TEXT_FORMAT)
+    runner = serve_cli.loop_runner()
     try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # uvloop is not available on every platform
-        runner = asyncio.run
-    try:
-        if not args.config and args.backend and not args.model:
-            args.model = runner(serve_cli.discover_model(serve_cli.parse_backend(args.backend[0])[0]))
-        config = serve_cli.config_from_args(args)
+        config = serve_cli.startup_config(args, runner)
         if args.fallbacks < 0:
             raise ValueError("--fallbacks must be 0 or more")
         if args.workers != 1:
