@@ -8,6 +8,7 @@ See config/kvgate.example.yaml for every key with its meaning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -429,35 +430,25 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 def check_bounds(obj: Any, where: str = "") -> None:
     """Every value within the bounds its field's type declares (msgspec.Meta ge / gt / le / lt), over
     the whole tree of structs: decoded from YAML or set from a flag alike. Errors name the key path."""
-    for f, hint in _bounded_fields(type(obj)):
-        value = getattr(obj, f.name)
-        path = f"{where}.{f.name}".lstrip(".")
-        for meta, items in _bounds_of(hint, value):
-            for i, v in items:
-                _check_value(meta, v, path if i is None else f"{path}[{i}]")
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         path = f"{where}.{f.name}".lstrip(".")
+        for meta, items in _bounds_of(hints[f.name], value):
+            for i, v in items:
+                _check_value(meta, v, path if i is None else f"{path}[{i}]")
         if dataclasses.is_dataclass(value):
             check_bounds(value, path)
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
-                    name = getattr(item, "model", None) if isinstance(item, PoolSpec) else None
-                    check_bounds(item, f"{path}.{name}" if name else f"{path}[{i}]")
+                    key = f".{item.model}" if isinstance(item, PoolSpec) else f"[{i}]"  # pools by model
+                    check_bounds(item, path + key)
 
 
-_BOUNDED: dict[type, list[tuple[dataclasses.Field[Any], Any]]] = {}
-
-
-def _bounded_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
-    """(field, type hint) of the fields of `cls` whose type carries a Meta (cached per class)."""
-    found = _BOUNDED.get(cls)
-    if found is None:
-        hints = typing.get_type_hints(cls, include_extras=True)
-        found = [(f, hints[f.name]) for f in dataclasses.fields(cls) if "Meta(" in repr(hints[f.name])]
-        _BOUNDED[cls] = found
-    return found
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def _bounds_of(hint: Any, value: Any) -> list[tuple[Meta, list[tuple[int | None, Any]]]]:
