@@ -22,7 +22,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from fake_kube_api import parse_selector
+from fake_kube_api import parse_selector, running_pod
 from helm_python.chart import Chart, lint
 from helm_python.errors import HelmRenderError, HelmValuesError
 from prometheus_client import CollectorRegistry
@@ -287,11 +287,7 @@ def test_discovery_watches_the_vllm_pods_with_only_pod_read_rights(chart: Any) -
     assert spec.discovery == "kubernetes" and spec.kubernetes is not None and not spec.endpoints
     template = one(docs, "StatefulSet")["spec"]["template"]
     assert parse_selector(spec.kubernetes.label_selector)(template["metadata"]["labels"])
-    running = {"metadata": {**template["metadata"], "name": "vllm-0", "namespace": NAMESPACE, "uid": "u"},
-               "spec": template["spec"],
-               "status": {"phase": "Running", "podIP": "10.0.0.5",
-                          "conditions": [{"type": "Ready", "status": "True"}]}}  # fmt: skip
-    ep = pod_endpoint(running, spec.kubernetes, spec.model)
+    ep = pod_endpoint(running_pod(template, NAMESPACE), spec.kubernetes, spec.model)
     assert ep is not None
     assert (ep.url, ep.role) == ("http://10.0.0.5:8000", "both")
     assert (ep.kv_events, ep.kv_events_replay) == ("tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558")

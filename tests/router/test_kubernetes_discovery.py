@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fake_kube_api import FakeKubeApi, parse_selector, self_signed_tls
+from fake_kube_api import FakeKubeApi, parse_selector, running_pod, self_signed_tls
 from helpers import eventually
 from prometheus_client import CollectorRegistry
 
@@ -227,11 +227,7 @@ def test_the_shipped_discovery_manifest_finds_the_shipped_vllm_pods_with_only_po
     assert spec.kubernetes is not None and spec.policy.params["index"] == "precise"
     template = vllm["spec"]["template"]
     assert parse_selector(spec.kubernetes.label_selector)(template["metadata"]["labels"])
-    running = {"metadata": {**template["metadata"], "name": "vllm-0", "namespace": "llm", "uid": "u"},
-               "spec": template["spec"],
-               "status": {"phase": "Running", "podIP": "10.0.0.5",
-                          "conditions": [{"type": "Ready", "status": "True"}]}}  # fmt: skip
-    ep = pod_endpoint(running, spec.kubernetes, spec.model)
+    ep = pod_endpoint(running_pod(template, "llm"), spec.kubernetes, spec.model)
     assert ep is not None
     assert (ep.url, ep.role) == ("http://10.0.0.5:8000", "both")
     assert (ep.kv_events, ep.kv_events_replay) == ("tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558")

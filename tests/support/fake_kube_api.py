@@ -71,6 +71,13 @@ def parse_selector(selector: str) -> Callable[[dict[str, str]], bool]:
     return lambda labels: all(t(labels) for t in tests)
 
 
+def running_pod(template: dict[str, Any], namespace: str, ip: str = "10.0.0.5") -> dict[str, Any]:
+    """A pod as the API server lists it once a workload's pod `template` runs, Ready, at `ip`."""
+    return {"metadata": {**template["metadata"], "name": "vllm-0", "namespace": namespace, "uid": "u"},
+            "spec": template["spec"],
+            "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
 def _split(selector: str) -> list[str]:
     """Split on commas outside parentheses."""
     parts, depth, cur = [], 0, ""
