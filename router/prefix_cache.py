@@ -197,7 +197,7 @@ class PrefixCache:
         state.prompt_read = True
         try:
             scope, source = self._prompt_source(request)
-            tokens = source if isinstance(source, list) else await self._encode(self.encoder.encode, source)
+            tokens = source if isinstance(source, list) else await self._encode_off_loop(source)
             state.prompt = Prompt(tokens, *scope)
         except (PromptError, TypeError, ValueError) as exc:
             self._unkeyed(state, exc)
@@ -251,9 +251,9 @@ class PrefixCache:
         except (TypeError, ValueError) as exc:
             raise PromptError(f"cannot tokenize the prompt: {exc}", source.failure_reason) from exc
 
-    async def _encode(self, encode: Any, source: PromptText) -> list[int]:
+    async def _encode_off_loop(self, source: PromptText) -> list[int]:
         try:
-            return await encode(source.text, source.add_special_tokens)  # type: ignore[no-any-return]
+            return await self.encoder.encode(source.text, source.add_special_tokens)
         except (TypeError, ValueError) as exc:
             raise PromptError(f"cannot tokenize the prompt: {exc}", source.failure_reason) from exc
 

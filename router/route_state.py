@@ -60,10 +60,14 @@ class RouteState:
         return len(self.prompt.tokens) if self.prompt is not None else 0
 
     def cached_tokens(self, ep: Endpoint) -> int:
-        """Prompt tokens predicted cached on `ep` by the latest match. vLLM recomputes the prompt's
-        last token, so a prompt of whole blocks misses its last block."""
+        """Prompt tokens predicted cached on `ep` by the latest match."""
+        return self.tokens_of_blocks(self.matched.get(ep, 0))
+
+    def tokens_of_blocks(self, blocks: int) -> int:
+        """Prompt tokens a pod holding the prompt's first `blocks` blocks has cached. vLLM recomputes
+        the prompt's last token, so a prompt of whole blocks misses its last block."""
         n = self.prompt_tokens
         if not n or not self.keys_block_size:
             return 0
         bs = self.keys_block_size
-        return min((n - 1) // bs * bs, self.matched.get(ep, 0) * bs)
+        return min((n - 1) // bs * bs, blocks * bs)

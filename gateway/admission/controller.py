@@ -319,10 +319,7 @@ class AdmissionController:
             if state is None or not state.keys or not free:
                 return 0.0
             held = cache.match(state.keys, free)
-            if not held:
-                return 0.0
-            bs = state.keys_block_size
-            return float(min((state.prompt_tokens - 1) // bs * bs, max(held.values()) * bs))
+            return float(state.tokens_of_blocks(max(held.values()))) if held else 0.0
 
         return cached_on_free_pods
 

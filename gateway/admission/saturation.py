@@ -45,22 +45,25 @@ class Saturation:
 
     def free_pods(self, pool: Pool) -> dict[Endpoint, int]:
         """The pods that can start a request now and their free slots (healthy ones; all in panic)."""
-        eligible = [ep for ep in pool.endpoints if ep.role != "prefill"]
-        serving = [ep for ep in eligible if ep.healthy] or eligible
-        free = {ep: self.pod_slots(pool, ep) - ep.in_flight for ep in serving}
+        free = {ep: self.pod_slots(pool, ep) - ep.in_flight for ep in _serving(_eligible(pool))}
         return {ep: n for ep, n in free.items() if n > 0}
 
     def free_slots(self, pool: Pool, admitted: int) -> int:
         """Requests the pool can take now, given `admitted` requests this gateway let through that
         have not finished."""
-        eligible = [ep for ep in pool.endpoints if ep.role != "prefill"]
+        eligible = _eligible(pool)
         if not eligible:
             return 1  # nothing to wait for: the proxy answers 503 (no endpoint) at once
-        serving = [ep for ep in eligible if ep.healthy] or eligible
-        free = 0
-        charged = 0
-        for ep in eligible:
-            charged += ep.in_flight
-        for ep in serving:
-            free += max(0, self.pod_slots(pool, ep) - ep.in_flight)
+        charged = sum(ep.in_flight for ep in eligible)
+        free = sum(max(0, self.pod_slots(pool, ep) - ep.in_flight) for ep in _serving(eligible))
         return free - max(0, admitted - charged)
+
+
+def _eligible(pool: Pool) -> list[Endpoint]:
+    """The pods that take whole requests (not prefill-only)."""
+    return [ep for ep in pool.endpoints if ep.role != "prefill"]
+
+
+def _serving(eligible: list[Endpoint]) -> list[Endpoint]:
+    """The healthy ones, or all of them when none is (panic routing)."""
+    return [ep for ep in eligible if ep.healthy] or eligible
