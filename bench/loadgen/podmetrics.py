@@ -21,6 +21,7 @@ COUNTERS = {
     "vllm:prompt_tokens": "prompt_tokens",
     "vllm:generation_tokens": "generation_tokens",
     "vllm:num_preemptions": "preemptions",
+    "kvgate_sim:kv_cache_evicted_blocks": "evicted_blocks",  # the simulator's own; vLLM has none
 }
 QUEUE_HISTOGRAM = "vllm:request_queue_time_seconds"
 
@@ -78,6 +79,7 @@ class PodFigures:
     queue_mean_s: float | None
     queue_p90_s: float | None  # upper bound of the bucket holding the 90th percentile
     per_pod_hit_rate: list[float | None]
+    evicted_blocks: float | None = None  # cached KV blocks evicted; None when no pod exports the count
 
     @property
     def hit_rate(self) -> float | None:
@@ -89,7 +91,7 @@ class PodFigures:
             "hit_rate": self.hit_rate, "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens, "preemptions": self.preemptions,
             "queue_mean_s": self.queue_mean_s, "queue_p90_s": self.queue_p90_s,
-            "per_pod_hit_rate": self.per_pod_hit_rate,
+            "per_pod_hit_rate": self.per_pod_hit_rate, "evicted_blocks": self.evicted_blocks,
         }
 
 
@@ -116,6 +118,8 @@ def delta(before: Sequence[PodSnapshot], after: Sequence[PodSnapshot]) -> PodFig
         queue_mean_s=q_sum / q_count if q_count else None,
         queue_p90_s=_bucket_quantile(buckets, q_count, 0.9),
         per_pod_hit_rate=per_pod,
+        evicted_blocks=totals["evicted_blocks"] if any("evicted_blocks" in a.counters for a in after)
+        else None,
     )
 
 

@@ -134,6 +134,7 @@ class SimEngine:
         # P/D: called with a request's remote-prefill params once its KV has been pulled.
         self.on_transfer_done: Callable[[dict[str, Any]], None] | None = None
         self.num_steps = 0
+        self._evictions_counted = 0  # of pool.evictions, already added to metrics.evicted_blocks
         # Overhead accounting: modelled step time, wall time the steps took, CPU of the step loop.
         self.modelled_seconds = 0.0
         self.stepped_seconds = 0.0
@@ -468,5 +469,9 @@ class SimEngine:
             self.publish(events)
 
     def _update_gauges(self) -> None:
+        evicted = self.pool.evictions - self._evictions_counted
+        if evicted:
+            self.metrics.evicted_blocks.inc(evicted)
+            self._evictions_counted = self.pool.evictions
         deferred = len(self.transferring)
         self.metrics.set_gauges(len(self.running), len(self.waiting) + deferred, deferred, self.pool.usage)

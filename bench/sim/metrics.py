@@ -5,6 +5,10 @@ buckets are those of a real vLLM 0.32 /metrics (tests/fixtures/vllm/metrics.txt;
 vllm/v1/metrics/loggers.py and buckets.py). Families a simulated pod has no use for (multi-modal,
 external caches, sleep mode, MFU estimates) are exported at their idle values so scrapers see the
 same set. Not exported: the FastAPI `http_*` and the `process_*`/`python_*` families.
+
+One family is the simulator's own, not vLLM's (vLLM 0.32 has no eviction counter; its sampled
+`--kv-cache-metrics` histograms are not modelled): `kvgate_sim:kv_cache_evicted_blocks`, the cached
+blocks the pool gave out again to new work (a prefix cache reset does not count).
 """
 
 from __future__ import annotations
@@ -100,6 +104,10 @@ class SimMetrics:
         )
         counter("vllm:mm_cache_queries", "Multi-modal cache queries, in terms of number of queried items.")
         counter("vllm:mm_cache_hits", "Multi-modal cache hits, in terms of number of cached items.")
+        self.evicted_blocks = counter(
+            "kvgate_sim:kv_cache_evicted_blocks",
+            "Simulator only, not a vLLM metric: cached KV blocks evicted to make room for new blocks.",
+        )
         self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.prompt_by_source = by(

@@ -67,3 +67,13 @@ def test_pod_metrics_delta_gives_fleet_hit_rate_and_queue_time():
     assert d.per_pod_hit_rate == [pytest.approx(0.75), 0.0]
     assert d.queue_mean_s == pytest.approx(2.75 / 10)
     assert d.queue_p90_s == 1.0  # 6 of 10 within 0.1 s, all within 1 s
+
+
+def test_pod_metrics_delta_counts_the_simulators_evicted_blocks_and_none_without_them():
+    sim = POD + '# TYPE kvgate_sim:kv_cache_evicted_blocks counter\n' \
+        'kvgate_sim:kv_cache_evicted_blocks_total{{engine="0",model_name="m"}} {e}\n'
+    before = [parse_metrics(sim.format(q=0, h=0, b1=0, b2=0, s=0, e=3))]
+    after = [parse_metrics(sim.format(q=10, h=5, b1=1, b2=1, s=0.1, e=10))]
+    assert delta(before, after).evicted_blocks == 7
+    plain = [parse_metrics(POD.format(q=0, h=0, b1=0, b2=0, s=0))]
+    assert delta(plain, plain).evicted_blocks is None  # a real vLLM pod exports no such counter

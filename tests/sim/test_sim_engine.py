@@ -139,3 +139,21 @@ def test_jitter_is_bounded_and_seeded() -> None:
     assert steps == [b._step_time(1, 0) for _ in range(50)]
     assert all(0.005 <= s <= 0.015 for s in steps) and len(set(steps)) > 40
     assert engine()._step_time(3, 16000) == 16000 / 16000 + 0.010
+
+
+async def test_evicted_blocks_counter_follows_the_pool(http: aiohttp.ClientSession) -> None:
+    # 24 blocks of 16 (23 usable): two 160-token prompts (10 or 11 blocks each with their output) fill
+    # the cache, so a third distinct prompt can only run by evicting cached blocks of the first two.
+    async with SimFleet(1, **FAST, num_gpu_blocks=24, block_size=16) as fleet:
+        url, engine = fleet.urls[0], fleet.pods[0].engine
+        assert engine is not None
+        for i in range(2):
+            await post(http, url + "/v1/completions",
+                       {"prompt": " ".join(f"e{i}x{j}" for j in range(160)), "max_tokens": 1})
+        assert metric(await scrape(http, url), "kvgate_sim:kv_cache_evicted_blocks_total") == 0
+        await post(http, url + "/v1/completions",
+                   {"prompt": " ".join(f"e2x{j}" for j in range(160)), "max_tokens": 1})
+        evicted = metric(await scrape(http, url), "kvgate_sim:kv_cache_evicted_blocks_total")
+        assert evicted == engine.pool.evictions > 0
+        await post(http, url + "/reset_prefix_cache", {})  # clearing the cache is not eviction
+        assert metric(await scrape(http, url), "kvgate_sim:kv_cache_evicted_blocks_total") == evicted
