@@ -20,6 +20,17 @@ queued, in the gateway or a pod), the gateway's admission wait p90 for them, the
 requests per second and its 429/503 count, the fleet's output tokens/s and pod prefix hit rate (deltas
 of the pods' own counters) and the busy fraction while work is queued (running / slots, sampled every
 0.25 s whenever the gateway's queue or a pod's waiting queue is non-empty). ~4 minutes on 2 cores.
+
+Hit rate, taken apart (the fleet serves a different mix of tenants in each setup, so the pods' overall
+figure is not comparable on its own):
+  per class     cached / prompt tokens of the answered requests of the small tenants, of the heavy one;
+  prefix misses answered requests whose cached tokens fall short of their system prompt (cold or
+                partial prefix), and the prefix tokens they had to prefill;
+  evicted       cached KV blocks the pods evicted during the run (the simulator's own counter);
+  equal footing per class, the hit rate of the first N answered requests in arrival order, N the fewest
+                any setup answered of that class (the same cold starts over the same number of requests);
+  offered mix   the per-class hit rates weighted by each class's share of the offered prompt tokens
+                (the same schedule in every setup), so the figure does not depend on the mix served.
 """
 
 from __future__ import annotations
@@ -59,6 +70,8 @@ QUESTION_WORDS = 48
 SMALL = [f"small{i}" for i in range(8)]
 HEAVY = "heavy"
 SETUPS = ("none", "fifo", "fair")
+CLASSES = ("small", "heavy")
+BLOCK_SIZE = 16  # the simulated pods' KV block (kvgate sim's default): a prefix is cached in whole blocks
 _RUNNING = re.compile(r"^vllm:num_requests_running(?:\{[^}]*\})? (\S+)$", re.M)
 _WAITING = re.compile(r"^vllm:num_requests_waiting(?:\{[^}]*\})? (\S+)$", re.M)
 _DEPTH = re.compile(r"^kvgate_admission_queue_depth\{[^}]*\} (\S+)$", re.M)
@@ -71,6 +84,18 @@ class Sent:
     tenant: str
     result: RequestResult
     cut: bool = False
+    prefix: int = 0  # which of the tenant's system prompts
+    prefix_tokens: int = PREFIX_WORDS  # its length in tokens (one per word under the pods' tokenizer)
+
+    @property
+    def cls(self) -> str:
+        return "heavy" if self.tenant == HEAVY else "small"
+
+    @property
+    def answered(self) -> bool:
+        """Answered in full, with the pod's usage (prompt and cached tokens)."""
+        r = self.result
+        return r.ok and not self.cut and r.cached_tokens is not None and r.prompt_tokens > 0
 
 
 @dataclass(slots=True)
@@ -93,6 +118,19 @@ class SetupResult:
     span_s: float
     samples_queued: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
+    # per class ("small", "heavy"): answered requests short of their prefix, the prefix tokens they
+    # prefilled, and the (prefix, pod) pairs that served the class (pod copies of its prefixes)
+    prefix_misses: dict[str, int] = field(default_factory=dict)
+    prefix_miss_tokens: dict[str, int] = field(default_factory=dict)
+    prefix_copies: dict[str, int] = field(default_factory=dict)
+    evicted_blocks: float | None = None  # the pods' evicted cached blocks over the run
+    # per class, the answered requests' [prompt, cached] tokens in arrival order
+    answered: dict[str, list[list[int]]] = field(default_factory=dict)
+    # per class: the equal-footing hit rate and its N (set by equal_footing() once every setup ran)
+    equal_hit: dict[str, float | None] = field(default_factory=dict)
+    equal_n: dict[str, int] = field(default_factory=dict)
+    offered_share: dict[str, float] = field(default_factory=dict)  # of the offered prompt tokens
+    offered_mix_hit_rate: float | None = None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,6 +160,11 @@ def request(tenant: str, k: int, i: int, seed: int, output_tokens: int = OUTPUT_
     return BenchRequest(f"{tenant}/{i}", "completions", output_tokens, prompt=prompt)
 
 
+def prefix_of(tenant: str, i: int) -> int:
+    """Which system prompt a tenant's i-th request carries (the heavy tenant cycles through 4)."""
+    return i % 4 if tenant == HEAVY else 0
+
+
 def schedule(args: argparse.Namespace) -> list[tuple[float, str, BenchRequest]]:
     """(offset, tenant, request) for the whole run, sorted by offset."""
     rng = random.Random(args.seed)
@@ -133,7 +176,7 @@ def schedule(args: argparse.Namespace) -> list[tuple[float, str, BenchRequest]]:
             t += rng.expovariate(rate)
             if t >= args.duration:
                 break
-            k = i % 4 if tenant == HEAVY else 0
+            k = prefix_of(tenant, i)
             out = rng.randint(OUTPUT_TOKENS // 3, OUTPUT_TOKENS * 5 // 3)  # mean OUTPUT_TOKENS
             plan.append((t, tenant, request(tenant, k, i, args.seed, out)))
             i += 1
@@ -240,7 +283,8 @@ async def run_setup(setup: str, args: argparse.Namespace, fleet: SimFleetProcess
                 delay = t0 + at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                s = Sent(tenant, RequestResult(req.tag, at))
+                i = int(req.tag.split("/")[1])
+                s = Sent(tenant, RequestResult(req.tag, at), prefix=prefix_of(tenant, i))
                 sent.append(s)
                 tasks.append(asyncio.create_task(send(http, gw, MODEL, req, s.result, t0, 600.0,
                                                       headers={"x-kvgate-tenant": tenant})))
@@ -260,7 +304,10 @@ async def run_setup(setup: str, args: argparse.Namespace, fleet: SimFleetProcess
         finally:
             await proc.stop()
     adm_wait = admission_wait_p90(metrics, SMALL)
-    return summarize(setup, sent, span, idle_ttft, delta(before, after), busy, adm_wait)
+    result = summarize(setup, sent, span, idle_ttft, delta(before, after), busy, adm_wait)
+    result.offered_share = offered_shares(plan)
+    result.offered_mix_hit_rate = offered_mix_hit_rate(result, result.offered_share)
+    return result
 
 
 def summarize(setup: str, sent: list[Sent], span: float, idle_ttft: float, pods: PodFigures,
@@ -280,6 +327,8 @@ def summarize(setup: str, sent: list[Sent], span: float, idle_ttft: float, pods:
         statuses[key] = statuses.get(key, 0) + 1
     waits = [max(0.0, t - idle_ttft) for t in ttfts]
     heavy = [s for s in sent if s.tenant == HEAVY]
+    by_class = {"small": small, "heavy": heavy}
+    misses = {c: prefix_misses(by_class[c]) for c in CLASSES}
     return SetupResult(
         setup=setup,
         small_ttft_p50=percentile(ttfts, 50), small_ttft_p90=percentile(ttfts, 90),
@@ -291,6 +340,11 @@ def summarize(setup: str, sent: list[Sent], span: float, idle_ttft: float, pods:
         small_hit_rate=answered_hit_rate(small), heavy_hit_rate=answered_hit_rate(heavy),
         busy_while_queued=sum(busy) / len(busy) if busy else None, idle_ttft=idle_ttft, span_s=span,
         samples_queued=len(busy), statuses=statuses,
+        prefix_misses={c: misses[c][0] for c in CLASSES},
+        prefix_miss_tokens={c: misses[c][1] for c in CLASSES},
+        prefix_copies={c: prefix_copies(by_class[c]) for c in CLASSES}, evicted_blocks=pods.evicted_blocks,
+        answered={c: [[s.result.prompt_tokens, s.result.cached_tokens or 0]
+                      for s in by_class[c] if s.answered] for c in CLASSES},
     )
 
 
@@ -298,13 +352,61 @@ def answered_hit_rate(sent: list[Sent]) -> float | None:
     """Cached over prompt tokens of the requests answered in full, from the pods' own usage: the hit
     rate of one tenant class whatever the mix the fleet served (fair queuing serves more small-tenant
     requests, whose prompts are reused less, which alone moves the pods' overall figure)."""
-    prompt = cached = 0
+    return hit_rate([(s.result.prompt_tokens, s.result.cached_tokens or 0) for s in sent if s.answered])
+
+
+def hit_rate(pairs: list[tuple[int, int]] | list[list[int]]) -> float | None:
+    """Cached over prompt tokens of (prompt, cached) pairs."""
+    prompt = sum(p for p, _ in pairs)
+    return sum(c for _, c in pairs) / prompt if prompt else None
+
+
+def prefix_misses(sent: list[Sent], block_size: int = BLOCK_SIZE) -> tuple[int, int]:
+    """(answered requests whose cached tokens fall short of their prefix, the prefix tokens they had
+    to prefill). A pod caches whole blocks, so a prefix counts as hit when its full blocks are."""
+    count = tokens = 0
     for s in sent:
-        r = s.result
-        if r.ok and not s.cut and r.cached_tokens is not None and r.prompt_tokens:
-            prompt += r.prompt_tokens
-            cached += r.cached_tokens
-    return cached / prompt if prompt else None
+        if s.answered:
+            whole = s.prefix_tokens // block_size * block_size
+            cached = s.result.cached_tokens or 0
+            if cached < whole:
+                count += 1
+                tokens += s.prefix_tokens - cached
+    return count, tokens
+
+
+def prefix_copies(sent: list[Sent]) -> int:
+    """How many (tenant's prefix, pod) pairs served the answered requests: the pods each prefix was
+    copied to (each pays one cold prefill, unless evicted and prefilled again)."""
+    return len({(s.tenant, s.prefix, s.result.endpoint) for s in sent if s.answered})
+
+
+def offered_shares(plan: list[tuple[float, str, BenchRequest]]) -> dict[str, float]:
+    """Each class's share of the prompt tokens offered (the schedule: the same in every setup). The
+    prompts are words, one token each under the pods' tokenizer."""
+    tokens = dict.fromkeys(CLASSES, 0)
+    for _, tenant, req in plan:
+        tokens["heavy" if tenant == HEAVY else "small"] += len(str(req.prompt).split())
+    total = sum(tokens.values())
+    return {c: n / total for c, n in tokens.items()} if total else {}
+
+
+def offered_mix_hit_rate(r: SetupResult, shares: dict[str, float]) -> float | None:
+    """The per-class hit rates of `r`, weighted by the classes' shares of the offered prompt tokens."""
+    hits = {"small": r.small_hit_rate, "heavy": r.heavy_hit_rate}
+    if not shares or any(hits[c] is None for c in shares if shares[c] > 0):
+        return None
+    return sum(share * (hits[c] or 0.0) for c, share in shares.items())
+
+
+def equal_footing(results: list[SetupResult]) -> None:
+    """Set each result's per-class hit rate over its first N answered requests (arrival order), N the
+    fewest answered of that class by any of `results`."""
+    for c in CLASSES:
+        n = min((len(r.answered.get(c, [])) for r in results), default=0)
+        for r in results:
+            r.equal_n[c] = n
+            r.equal_hit[c] = hit_rate(r.answered.get(c, [])[:n])
 
 
 def _p(v: float | None) -> str:
@@ -317,16 +419,32 @@ def _s(v: float | None) -> str:
 
 def format_table(results: list[SetupResult]) -> str:
     head = ("| setup | small TTFT p50 | small TTFT p90 | small wait p90 | small admission wait p90 | "
-            "heavy done/s | heavy 429/503 | out tok/s | pod hit | hit small / heavy | busy while queued |")
+            "heavy done/s | heavy 429/503 | out tok/s | pod hit | hit small / heavy | busy while queued | "
+            "prefix misses small / heavy | uncached prefix tok small / heavy | evicted blocks | "
+            "equal-footing hit small / heavy (N) | offered-mix hit |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in results:
         lines.append(
             f"| {r.setup} | {_s(r.small_ttft_p50)} | {_s(r.small_ttft_p90)} | {_s(r.small_wait_p90)} | "
             f"{_s(r.small_admission_wait_p90)} | {r.heavy_done_per_s:.2f} | {r.heavy_refused} | "
             f"{r.output_tps:.0f} | {_p(r.hit_rate)} | {_p(r.small_hit_rate)} / {_p(r.heavy_hit_rate)} | "
-            f"{'-' if r.busy_while_queued is None else f'{r.busy_while_queued:.3f}'} |"
+            f"{'-' if r.busy_while_queued is None else f'{r.busy_while_queued:.3f}'} | "
+            f"{_by_class(r.prefix_misses)} | {_by_class(r.prefix_miss_tokens)} | "
+            f"{'-' if r.evicted_blocks is None else f'{r.evicted_blocks:.0f}'} | "
+            f"{_equal(r)} | {_p(r.offered_mix_hit_rate)} |"
         )
     return "\n".join(lines)
+
+
+def _by_class(d: dict[str, int]) -> str:
+    return " / ".join(str(d[c]) if c in d else "-" for c in CLASSES)
+
+
+def _equal(r: SetupResult) -> str:
+    if not r.equal_n:
+        return "-"
+    return (f"{_p(r.equal_hit.get('small'))} / {_p(r.equal_hit.get('heavy'))} "
+            f"({r.equal_n.get('small', 0)} / {r.equal_n.get('heavy', 0)})")
 
 
 def verdict(results: list[SetupResult]) -> list[str]:
@@ -342,13 +460,32 @@ def verdict(results: list[SetupResult]) -> list[str]:
     for cls in ("small", "heavy"):
         f_hit, n_hit = getattr(fair, f"{cls}_hit_rate"), getattr(none, f"{cls}_hit_rate")
         if f_hit is not None and n_hit is not None:
-            out.append(f"{cls} tenants' hit rate: fair {f_hit:.1%} vs none {n_hit:.1%} (target: no lower)")
+            out.append(f"{cls} tenants' hit rate: fair {f_hit:.1%} vs none {n_hit:.1%} (answered requests)")
+    for cls in CLASSES:
+        out.append(f"{cls} prefix misses: fair {fair.prefix_misses.get(cls, 0)} "
+                   f"({fair.prefix_miss_tokens.get(cls, 0)} prefix tokens prefilled, "
+                   f"{fair.prefix_copies.get(cls, 0)} prefix-pod pairs) vs none "
+                   f"{none.prefix_misses.get(cls, 0)} ({none.prefix_miss_tokens.get(cls, 0)}, "
+                   f"{none.prefix_copies.get(cls, 0)})")
+    out.append(f"evicted KV blocks: fair {_n(fair.evicted_blocks)} vs none {_n(none.evicted_blocks)}")
+    for cls in CLASSES:
+        f_eq, n_eq = fair.equal_hit.get(cls), none.equal_hit.get(cls)
+        if f_eq is not None and n_eq is not None:
+            out.append(f"{cls} tenants' equal-footing hit rate (first {fair.equal_n[cls]} answered): "
+                       f"fair {f_eq:.1%} vs none {n_eq:.1%}")
+    if fair.offered_mix_hit_rate is not None and none.offered_mix_hit_rate is not None:
+        out.append(f"offered-mix hit rate: fair {fair.offered_mix_hit_rate:.1%} vs none "
+                   f"{none.offered_mix_hit_rate:.1%} (target: no lower)")
     out.append(f"busy fraction while queued: fair {_f(fair.busy_while_queued)} (target >= 0.95)")
     return out
 
 
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def _n(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
 
 
 async def main_async(args: argparse.Namespace, log_dir: Path) -> list[SetupResult]:
@@ -361,6 +498,7 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> list[SetupResul
         for setup in setups:
             results.append(await run_setup(setup, args, fleet, log_dir))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
+    equal_footing(results)
     return results
 
 

@@ -33,6 +33,15 @@ async def test_admission_bench_runs_none_and_fair_and_reports_the_figures(tmp_pa
         assert 0 < r["small_hit_rate"] <= 1 and 0 < r["heavy_hit_rate"] <= 1  # pods reported cached tokens
         assert set(r["statuses"]) <= {f"{who}:{what}" for who in ("heavy", "small")
                                       for what in ("200", "429", "503", "cut")}
+        assert r["evicted_blocks"] is not None  # the simulated pods export their eviction counter
+        assert set(r["prefix_misses"]) == set(r["prefix_miss_tokens"]) == {"small", "heavy"}
+        assert r["prefix_misses"]["heavy"] <= len(r["answered"]["heavy"])
+        assert r["prefix_copies"]["heavy"] >= 1
+        assert 0 < r["offered_mix_hit_rate"] <= 1
+        assert 0 < r["offered_share"]["small"] < 1
+    assert none["equal_n"] == fair["equal_n"]  # the same N for every setup
+    assert none["equal_n"]["heavy"] == min(len(r["answered"]["heavy"]) for r in results) > 0
+    assert "offered-mix hit rate: fair" in text and "equal-footing hit rate" in text
     assert none["small_admission_wait_p90"] is None and fair["small_admission_wait_p90"] is not None
 
 
