@@ -30,7 +30,9 @@ figure is not comparable on its own):
   equal footing per class, the hit rate of the first N answered requests in arrival order, N the fewest
                 any setup answered of that class (the same cold starts over the same number of requests);
   offered mix   the per-class hit rates weighted by each class's share of the offered prompt tokens
-                (the same schedule in every setup), so the figure does not depend on the mix served.
+                (the same schedule in every setup), so the figure does not depend on the mix served;
+  pod prefill s the pods' uncached prompt tokens / prefill rate: the time prefills added to decode steps.
+A request counts as done (heavy done/s, small done) when answered in full before the cut.
 """
 
 from __future__ import annotations
@@ -92,10 +94,15 @@ class Sent:
         return "heavy" if self.tenant == HEAVY else "small"
 
     @property
+    def done(self) -> bool:
+        """Answered in full (a request cut mid-stream has status 200 and no error, but is not done)."""
+        return self.result.ok and not self.cut
+
+    @property
     def answered(self) -> bool:
-        """Answered in full, with the pod's usage (prompt and cached tokens)."""
+        """Done, with the pod's usage (prompt and cached tokens)."""
         r = self.result
-        return r.ok and not self.cut and r.cached_tokens is not None and r.prompt_tokens > 0
+        return self.done and r.cached_tokens is not None and r.prompt_tokens > 0
 
 
 @dataclass(slots=True)
@@ -124,6 +131,7 @@ class SetupResult:
     prefix_miss_tokens: dict[str, int] = field(default_factory=dict)
     prefix_copies: dict[str, int] = field(default_factory=dict)
     evicted_blocks: float | None = None  # the pods' evicted cached blocks over the run
+    prefill_s: float | None = None  # the pods' uncached prompt tokens over the run / prefill_tps
     # per class, the answered requests' [prompt, cached] tokens in arrival order
     answered: dict[str, list[list[int]]] = field(default_factory=dict)
     # per class: the equal-footing hit rate and its N (set by equal_footing() once every setup ran)
@@ -320,7 +328,7 @@ def summarize(setup: str, sent: list[Sent], span: float, idle_ttft: float, pods:
             ttfts.append(r.ttft)
         elif s.cut or r.status == 0:
             ttfts.append(span - r.started)  # still waiting when cut: at least this long
-    heavy_done = sum(1 for s in sent if s.tenant == HEAVY and s.result.ok)
+    heavy_done = sum(1 for s in sent if s.tenant == HEAVY and s.done)
     statuses: dict[str, int] = {}
     for s in sent:
         key = f"{s.tenant if s.tenant == HEAVY else 'small'}:{'cut' if s.cut else s.result.status}"
@@ -333,7 +341,7 @@ def summarize(setup: str, sent: list[Sent], span: float, idle_ttft: float, pods:
         setup=setup,
         small_ttft_p50=percentile(ttfts, 50), small_ttft_p90=percentile(ttfts, 90),
         small_wait_p90=percentile(waits, 90), small_admission_wait_p90=adm_wait,
-        small_done=sum(1 for s in small if s.result.ok), small_cut=sum(1 for s in small if s.cut),
+        small_done=sum(1 for s in small if s.done), small_cut=sum(1 for s in small if s.cut),
         heavy_done_per_s=heavy_done / span,
         heavy_refused=sum(1 for s in sent if s.tenant == HEAVY and s.result.status in (429, 503)),
         output_tps=pods.generation_tokens / span, hit_rate=pods.hit_rate,
@@ -343,6 +351,7 @@ def summarize(setup: str, sent: list[Sent], span: float, idle_ttft: float, pods:
         prefix_misses={c: misses[c][0] for c in CLASSES},
         prefix_miss_tokens={c: misses[c][1] for c in CLASSES},
         prefix_copies={c: prefix_copies(by_class[c]) for c in CLASSES}, evicted_blocks=pods.evicted_blocks,
+        prefill_s=(pods.prefix_queries - pods.prefix_hits) / POD["prefill_tps"],
         answered={c: [[s.result.prompt_tokens, s.result.cached_tokens or 0]
                       for s in by_class[c] if s.answered] for c in CLASSES},
     )
@@ -421,7 +430,7 @@ def format_table(results: list[SetupResult]) -> str:
     head = ("| setup | small TTFT p50 | small TTFT p90 | small wait p90 | small admission wait p90 | "
             "heavy done/s | heavy 429/503 | out tok/s | pod hit | hit small / heavy | busy while queued | "
             "prefix misses small / heavy | uncached prefix tok small / heavy | evicted blocks | "
-            "equal-footing hit small / heavy (N) | offered-mix hit |")
+            "pod prefill s | equal-footing hit small / heavy (N) | offered-mix hit |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in results:
         lines.append(
@@ -430,7 +439,7 @@ def format_table(results: list[SetupResult]) -> str:
             f"{r.output_tps:.0f} | {_p(r.hit_rate)} | {_p(r.small_hit_rate)} / {_p(r.heavy_hit_rate)} | "
             f"{'-' if r.busy_while_queued is None else f'{r.busy_while_queued:.3f}'} | "
             f"{_by_class(r.prefix_misses)} | {_by_class(r.prefix_miss_tokens)} | "
-            f"{'-' if r.evicted_blocks is None else f'{r.evicted_blocks:.0f}'} | "
+            f"{_n(r.evicted_blocks)} | {'-' if r.prefill_s is None else f'{r.prefill_s:.2f}'} | "
             f"{_equal(r)} | {_p(r.offered_mix_hit_rate)} |"
         )
     return "\n".join(lines)
@@ -468,6 +477,11 @@ def verdict(results: list[SetupResult]) -> list[str]:
                    f"{none.prefix_misses.get(cls, 0)} ({none.prefix_miss_tokens.get(cls, 0)}, "
                    f"{none.prefix_copies.get(cls, 0)})")
     out.append(f"evicted KV blocks: fair {_n(fair.evicted_blocks)} vs none {_n(none.evicted_blocks)}")
+    if fair.prefill_s is not None and none.prefill_s is not None:
+        # a prefill lengthens its pod's step: the SLOTS sequences decoding there wait that long
+        cost = (fair.prefill_s - none.prefill_s) * SLOTS / (POD["itl_ms"] / 1000.0) / fair.span_s
+        out.append(f"pods' prefill time: fair {fair.prefill_s:.2f} s vs none {none.prefill_s:.2f} s "
+                   f"(with full batches, ~{cost:+.1f} output tok/s for fair)")
     for cls in CLASSES:
         f_eq, n_eq = fair.equal_hit.get(cls), none.equal_hit.get(cls)
         if f_eq is not None and n_eq is not None:

@@ -9,6 +9,7 @@ import pytest
 
 from bench.admission import (
     HEAVY,
+    POD,
     PREFIX_WORDS,
     QUESTION_WORDS,
     SMALL,
@@ -22,9 +23,11 @@ from bench.admission import (
     prefix_copies,
     prefix_misses,
     schedule,
+    summarize,
     verdict,
 )
 from bench.loadgen.client import RequestResult
+from bench.loadgen.podmetrics import PodFigures
 
 PROMPT = PREFIX_WORDS + QUESTION_WORDS
 
@@ -120,10 +123,27 @@ def test_table_and_verdict_report_the_breakdown() -> None:
     equal_footing([none, fair])
     table = format_table([none, fair])
     assert "| equal-footing hit small / heavy (N) | offered-mix hit |" in table.splitlines()[0]
-    assert "| 1 / 8 | 1024 / 9000 | 0 | 80.0% / 92.0% (1 / 4) | 90.8% |" in table.splitlines()[-1]
+    assert "| 1 / 8 | 1024 / 9000 | 0 | - | 80.0% / 92.0% (1 / 4) | 90.8% |" in table.splitlines()[-1]
     lines = "\n".join(verdict([none, fair]))
     assert "heavy prefix misses: fair 8 (9000 prefix tokens prefilled, 12 prefix-pod pairs) vs none 7" \
         in lines
     assert "evicted KV blocks: fair 0 vs none 0" in lines
+    assert "prefill time" not in lines  # not measured here
+    none.prefill_s, fair.prefill_s = 2.0, 2.5  # 0.5 s more: 8 slots x 20 steps of 25 ms over 50 s
+    assert "pods' prefill time: fair 2.50 s vs none 2.00 s (with full batches, ~+3.2 output tok/s for fair)" \
+        in "\n".join(verdict([none, fair]))
     assert "heavy tenants' equal-footing hit rate (first 4 answered): fair 92.0% vs none 93.0%" in lines
     assert "offered-mix hit rate: fair 90.8% vs none 88.7% (target: no lower)" in lines
+
+
+def test_summarize_counts_a_request_cut_mid_stream_as_not_done() -> None:
+    # a request cut while streaming has status 200 and no error: it still is not a completed one
+    reqs = [sent(HEAVY, 1024), sent(HEAVY, 1024, cut=True), sent(SMALL[0], 0), sent(SMALL[1], 0, cut=True)]
+    for s in reqs:
+        s.result.ttft = 0.1
+    pods = PodFigures(10_000.0, 6_000.0, 10_000.0, 500.0, 0.0, None, None, [])
+    r = summarize("fair", reqs, 10.0, 0.05, pods, [1.0], None)
+    assert r.heavy_done_per_s == pytest.approx(0.1) and r.small_done == 1 and r.small_cut == 1
+    assert r.answered == {"small": [[PROMPT, 0]], "heavy": [[PROMPT, 1024]]}
+    assert r.prefill_s == pytest.approx(4_000.0 / POD["prefill_tps"])
+    assert r.evicted_blocks is None
