@@ -481,7 +481,7 @@ def verdict(results: list[SetupResult]) -> list[str]:
         # a prefill lengthens its pod's step: the SLOTS sequences decoding there wait that long
         cost = (fair.prefill_s - none.prefill_s) * SLOTS / (POD["itl_ms"] / 1000.0) / fair.span_s
         out.append(f"pods' prefill time: fair {fair.prefill_s:.2f} s vs none {none.prefill_s:.2f} s "
-                   f"(with full batches, ~{cost:+.1f} output tok/s for fair)")
+                   f"(with full batches, ~{-cost:+.1f} output tok/s for fair)")
     for cls in CLASSES:
         f_eq, n_eq = fair.equal_hit.get(cls), none.equal_hit.get(cls)
         if f_eq is not None and n_eq is not None:

@@ -130,7 +130,7 @@ def test_table_and_verdict_report_the_breakdown() -> None:
     assert "evicted KV blocks: fair 0 vs none 0" in lines
     assert "prefill time" not in lines  # not measured here
     none.prefill_s, fair.prefill_s = 2.0, 2.5  # 0.5 s more: 8 slots x 20 steps of 25 ms over 50 s
-    assert "pods' prefill time: fair 2.50 s vs none 2.00 s (with full batches, ~+3.2 output tok/s for fair)" \
+    assert "pods' prefill time: fair 2.50 s vs none 2.00 s (with full batches, ~-3.2 output tok/s for fair)" \
         in "\n".join(verdict([none, fair]))
     assert "heavy tenants' equal-footing hit rate (first 4 answered): fair 92.0% vs none 93.0%" in lines
     assert "offered-mix hit rate: fair 90.8% vs none 88.7% (target: no lower)" in lines
