@@ -2,23 +2,29 @@
 a burst of 32k-token prompts arrives, tokenizing inline (on the event loop) against in the worker.
 
     python -m bench.stream_stall [--streams 100] [--itl-ms 20] [--burst 8] [--burst-words 12000]
-                                 [--workers 0,1] [--rounds 2] [--out result.json]
+                                 [--workers 0,1] [--baseline-src DIR] [--rounds 2] [--out result.json]
 
 One trivial pod process streams each answer's chunks every `--itl-ms` (and answers any other request
 at once). Per setting of `tokenizer_workers` (0: today's inline tokenizing; 1: the worker) a
 `kvgate serve --policy cache_aware --tokenizer tests/fixtures/vllm/model` runs in front of it: the
 client opens `--streams` streams, records every gap between two chunks of a stream for a quiet
 window, then sends `--burst` prompts of `--burst-words` words (about 32k tokens each with the tiny
-model's byte-level BPE) at once and records the gaps until the last burst answer is back. Each gap
-counts in the window its later chunk arrived in. Reported per setting: p50, p99 and max gap, quiet and
-during the burst, and what the burst adds to the p99. `--rounds` alternates the settings so drift
-affects both.
+model's byte-level BPE) at once and records the gaps until the last burst answer is back. After a
+settling pause, a control burst of as many short prompts, its window held open as long as the long
+burst took: what the requests themselves cost, and a window of the same length (the quiet window is
+longer, so its p99 catches more of the host's own noise). Each gap counts in the window its later
+chunk arrived in. Reported per setting: p50, p99 and max gap, quiet, during the burst and during the
+control, and what the burst adds to the p99 over the quiet one and over the control's (the second is
+what tokenizing the long prompts adds). `--baseline-src` (another checkout, e.g. `git archive main`)
+runs every setting from that tree too, beside this one. `--rounds` alternates the settings so drift
+affects all.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 import time
@@ -95,7 +101,9 @@ class Gaps:
 
     def __init__(self) -> None:
         self.window = "warmup"
-        self.by_window: dict[str, list[float]] = {"warmup": [], "quiet": [], "burst": [], "after": []}
+        self.by_window: dict[str, list[float]] = {
+            "warmup": [], "quiet": [], "burst": [], "settle": [], "control": [], "after": []
+        }  # fmt: skip
 
     def add(self, gap: float) -> None:
         self.by_window[self.window].append(gap)
@@ -137,11 +145,18 @@ def _stats(gaps: list[float]) -> dict[str, float]:
 
 
 async def one_setting(
-    opts: argparse.Namespace, pod: str, workers: int, log_dir: Path, bodies: list[bytes]
+    opts: argparse.Namespace,
+    pod: str,
+    workers: int,
+    src: str | None,
+    log_dir: Path,
+    bodies: list[bytes],
+    controls: list[bytes],
 ) -> dict[str, Any]:
     spec = RouterSpec(
         "cache_aware",
         extra_args=("--tokenizer", str(MODEL), "--tokenizer-workers", str(workers), "--no-access-log"),
+        src=src,
     )
     gateway = RouterProcess(spec, [pod], "m", log_dir)
     url = await gateway.start(60.0)
@@ -163,6 +178,12 @@ async def one_setting(
             t0 = time.perf_counter()
             await burst(session, url, bodies)
             burst_s = time.perf_counter() - t0
+            gaps.window = "settle"
+            await asyncio.sleep(opts.settle_s)
+            gaps.window = "control"
+            t0 = time.perf_counter()
+            await burst(session, url, controls)
+            await asyncio.sleep(max(0.0, burst_s - (time.perf_counter() - t0)))
             gaps.window = "after"
             for s in streams:
                 s.cancel()
@@ -170,12 +191,16 @@ async def one_setting(
     finally:
         await gateway.stop()
     quiet, during = _stats(gaps.by_window["quiet"]), _stats(gaps.by_window["burst"])
+    control = _stats(gaps.by_window["control"])
     return {
         "tokenizer_workers": workers,
+        "code": "baseline" if src else "this",
         "burst_s": burst_s,
         "quiet": quiet,
         "burst": during,
+        "control": control,
         "added_p99_ms": during["p99_ms"] - quiet["p99_ms"],
+        "added_over_control_p99_ms": during["p99_ms"] - control["p99_ms"],
     }
 
 
@@ -191,6 +216,12 @@ async def measure(opts: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         )
         for i in range(opts.burst)
     ]
+    controls = [
+        orjson.dumps({"model": "m", "max_tokens": 1, "prompt": f"{i} control"}) for i in range(opts.burst)
+    ]
+    settings = [(w, None) for w in opts.workers]
+    if opts.baseline_src:
+        settings += [(w, opts.baseline_src) for w in opts.workers]
     pod = ChildProcess(
         [sys.executable, "-m", "bench.stream_stall", "--serve-upstream"],
         log_dir / "pod.log",
@@ -199,9 +230,9 @@ async def measure(opts: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     pod_url = str((await pod.start(READY, 30.0))["url"])
     runs = []
     try:
-        for _ in range(opts.rounds):
-            for workers in opts.workers:
-                runs.append(await one_setting(opts, pod_url, workers, log_dir, bodies))
+        for r in range(opts.rounds):
+            for workers, src in settings if r % 2 == 0 else settings[::-1]:
+                runs.append(await one_setting(opts, pod_url, workers, src, log_dir, bodies, controls))
     finally:
         await pod.stop()
     return {
@@ -209,6 +240,7 @@ async def measure(opts: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         "itl_ms": opts.itl_ms,
         "burst": opts.burst,
         "burst_words": opts.burst_words,
+        "baseline_src": opts.baseline_src,
         "runs": runs,
     }
 
@@ -217,17 +249,20 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"{result['streams']} streams, a chunk every {result['itl_ms']:g} ms; burst of {result['burst']} "
         f"prompts of {result['burst_words']} words (~32k tokens each, tiny model's tokenizer)",
-        f"{'tokenizer_workers':>18} {'quiet p50':>10} {'p99':>7} {'max':>7} {'burst p50':>10} {'p99':>7} "
-        f"{'max':>7} {'added p99':>10} {'burst s':>8}",
+        f"{'code':>8} {'workers':>7} {'quiet p50':>9} {'p99':>6} {'burst p50':>9} {'p99':>6} {'max':>6} "
+        f"{'control p99':>11} {'added p99':>9} {'over control':>12} {'burst s':>7}",
     ]
     for r in result["runs"]:
-        q, b = r["quiet"], r["burst"]
+        q, b, c = r["quiet"], r["burst"], r["control"]
         lines.append(
-            f"{r['tokenizer_workers']:>18} {q['p50_ms']:10.2f} {q['p99_ms']:7.2f} {q['max_ms']:7.1f} "
-            f"{b['p50_ms']:10.2f} {b['p99_ms']:7.2f} {b['max_ms']:7.1f} {r['added_p99_ms']:10.2f} "
-            f"{r['burst_s']:8.2f}"
+            f"{r['code']:>8} {r['tokenizer_workers']:>7} {q['p50_ms']:9.2f} {q['p99_ms']:6.2f} "
+            f"{b['p50_ms']:9.2f} {b['p99_ms']:6.2f} {b['max_ms']:6.1f} {c['p99_ms']:11.2f} "
+            f"{r['added_p99_ms']:9.2f} {r['added_over_control_p99_ms']:12.2f} {r['burst_s']:7.2f}"
         )
-    lines.append("(ms; each gap counted in the window its later chunk arrived in)")
+    lines.append(
+        "(ms; each gap counted in the window its later chunk arrived in; added p99: burst over "
+        "quiet, over control: burst over the control burst of short prompts)"
+    )
     return "\n".join(lines)
 
 
@@ -245,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[0, 1],
         help="tokenizer_workers settings to compare (0: inline)",
     )
+    parser.add_argument(
+        "--baseline-src", help="also run every setting from this source tree (today's code, say)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--settle-s", type=float, default=0.5, help="pause between the long burst and the control"
+    )
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--quiet-s", type=float, default=2.0)
     parser.add_argument(
@@ -257,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.serve_upstream:
         run_async(serve_upstream())
         return 0
+    if opts.baseline_src:
+        opts.baseline_src = os.path.abspath(opts.baseline_src)
     with TemporaryDirectory(prefix="kvgate-stall-") as tmp:
         result = run_async(measure(opts, Path(tmp)))
     print(report(result))

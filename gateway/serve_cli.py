@@ -36,7 +36,7 @@ from gateway.config import (
 from gateway.handlers import METRICS_BODY
 from gateway.reload import RELOADER, ConfigSource
 from gateway.replicas import check_replicas
-from gateway.runner import app_runner
+from gateway.runner import app_runner, freeze_startup_heap
 from gateway.state import STATE
 from gateway.workers import (
     WorkerRole,
@@ -333,6 +333,7 @@ async def serve(config: GatewayConfig, source: ConfigSource | None = None) -> No
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         ready = {"url": url, "models": [p.model for p in config.pools]}
         stop = asyncio.Event()
+        freeze_startup_heap()
         if role is not None:
             own_metrics = await own_metrics_site(role, registry)
             announce_ready(f"{READY_PREFIX} {orjson.dumps(ready).decode()}")

@@ -2,10 +2,18 @@
 
 A HuggingFace tokenizer's batch encode (`HFTokenizer.encode_batch`) runs without the GIL, so while a
 32k-token prompt is tokenized in the worker the event loop goes on relaying every other stream; only
-turning ids into Python lists holds the GIL (about 1 ms per 32k tokens). Requests that arrive while
-the worker is busy wait in its queue and are encoded together in the next batch (one batch per value of
-`add_special_tokens`). The loop side awaits an asyncio future the worker resolves through
-`call_soon_threadsafe`, one callback per batch.
+turning ids into Python lists holds the GIL (about 0.5 ms per 32k tokens). Requests that arrive while
+the worker is busy wait in its queue and are taken together in the next batch; the loop side awaits an
+asyncio future the worker resolves through `call_soon_threadsafe`, one callback per batch.
+
+What the worker does stays off the loop's CPU and GIL as far as it can (bench/stream_stall.py):
+- every text of a batch is encoded and turned into a list on its own (`_encode_all`), so the GIL is
+  held for one text's list at a time with GIL-free encodes between; a batch's lists in a row (8 x 32k
+  tokens: ~4 ms) kept the loop waiting for the GIL up to the interpreter's switch interval (5 ms);
+- the encode runs on the worker thread itself, at a lower priority (`WORKER_NICE`): starting a worker
+  turns the tokenizers library's own thread pool off for the process (`TOKENIZERS_PARALLELISM=false`),
+  as its threads would be created by whichever thread first encodes a batch, at that thread's
+  priority, and would compete with the loop on every core. The parallelism is `tokenizer_workers`.
 
 `PromptEncoder` is what the prefix cache calls: `encode` (awaitable) sends HF tokenizers to the worker
 when there is one, and encodes inline otherwise: with `workers=0` (today's behaviour, kept as a switch
@@ -107,17 +115,15 @@ def encode_texts(
 
 
 def _encode_all(tokenizer: BatchEncoder, texts: list[str], special: bool) -> list[Outcome]:
-    """One batch; when it fails, each text alone, so only the failing texts carry the error."""
-    try:
-        return list(tokenizer.encode_batch(texts, special))
-    except Exception:
-        single: list[Outcome] = []
-        for text in texts:
-            try:
-                single.append(tokenizer.encode_batch([text], special)[0])
-            except Exception as exc:
-                single.append(exc)
-        return single
+    """Each text encoded alone, its ids made a list before the next text is encoded: the GIL is held
+    for one list at a time (see the module docstring). A failing text carries its own error."""
+    out: list[Outcome] = []
+    for text in texts:
+        try:
+            out.append(tokenizer.encode_batch([text], special)[0])
+        except Exception as exc:
+            out.append(exc)
+    return out
 
 
 @dataclass(slots=True)
@@ -174,6 +180,7 @@ class TokenizerWorker:
         self._threads = []
 
     def _start(self) -> None:
+        os.environ[SERIAL_ENV] = "false"  # read at every encode: from now on each runs on its caller
         with self._lock:
             while len(self._threads) < self._threads_wanted:
                 t = threading.Thread(target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True)
@@ -220,11 +227,12 @@ class TokenizerWorker:
 
 
 WORKER_NICE = 10
+SERIAL_ENV = "TOKENIZERS_PARALLELISM"  # "false": the library encodes a batch on the calling thread
 
 
 def _lower_priority() -> None:
-    """Run this thread (and the tokenizers library's thread pool, created from it) at a lower CPU
-    priority than the event loop: on a busy host the loop relaying streams preempts tokenizing."""
+    """Run this thread at a lower CPU priority than the event loop: on a busy host the loop relaying
+    streams preempts tokenizing (the encode runs on this thread: see SERIAL_ENV)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
     except (AttributeError, OSError):  # not Linux, or not allowed: run at the process's priority

@@ -33,10 +33,12 @@ def free_port() -> int:
 class ChildProcess:
     """One child started with `argv`; stdout and stderr go to `log_path` (after any READY line)."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
         self.argv = argv
         self.log_path = log_path
         self.env = env
+        self.cwd = cwd
         self.proc: asyncio.subprocess.Process | None = None
         self._log: BinaryIO | None = None
         self._drain: asyncio.Task[None] | None = None
@@ -49,7 +51,7 @@ class ChildProcess:
         self._log.flush()
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, stdout=asyncio.subprocess.PIPE, stderr=self._log,
-            env={**os.environ, **(self.env or {})}, start_new_session=True,
+            env={**os.environ, **(self.env or {})}, start_new_session=True, cwd=self.cwd,
         )
         ready: dict[str, Any] = {}
         if ready_prefix is not None:

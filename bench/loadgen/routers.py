@@ -29,6 +29,7 @@ class RouterSpec:
     extra_args: tuple[str, ...] = field(default=())
     python: str = sys.executable  # the interpreter that runs the router (a venv holding sglang_router)
     sglang_policy: str = "cache_aware"  # the SGLang router's own --policy
+    src: str | None = None  # kvgate: the source tree it runs from (another commit's); None: this one
 
     @classmethod
     def parse(cls, text: str, extra_args: Sequence[str] = ()) -> RouterSpec:
@@ -87,7 +88,10 @@ class RouterProcess:
                     for endpoint in kv_events_replay:
                         argv += ["--kv-events-replay", str(endpoint)]
             argv += list(spec.extra_args)
-        self.process = ChildProcess(argv, log_dir / f"router-{safe}.log", env={"PYTHONUNBUFFERED": "1"})
+        env = {"PYTHONUNBUFFERED": "1"}
+        if spec.src is not None:  # `-m` puts the working directory first on sys.path
+            env["PYTHONPATH"] = spec.src
+        self.process = ChildProcess(argv, log_dir / f"router-{safe}.log", env=env, cwd=spec.src)
 
     async def start(self, timeout_s: float = 60.0) -> str:
         """Start and wait until it routes (kvgate: GET /ready says ready; SGLang: GET /health is 200)."""

@@ -32,7 +32,7 @@ from gateway.errors import GatewayError
 from gateway.periodic import rounds
 from gateway.rejections import REJECTIONS
 from gateway.reload import RELOADER, ConfigSource, Reloader
-from gateway.runner import app_runner
+from gateway.runner import app_runner, freeze_startup_heap
 from gateway.state import STATE, GatewayState
 from gateway.target import TARGET_KEY
 
@@ -131,6 +131,7 @@ async def serve_epp(config: GatewayConfig, *, grpc_host: str, grpc_port: int, fa
     """Run until SIGTERM/SIGINT; SIGHUP reloads the config from `source`, as for serve."""
     async with running_epp(config, grpc_host=grpc_host, grpc_port=grpc_port, fallbacks=fallbacks,
                            source=source) as where:
+        freeze_startup_heap()
         ready(where)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

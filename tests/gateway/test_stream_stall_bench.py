@@ -26,3 +26,5 @@ async def test_stream_stall_bench_reports_gaps_per_setting(tmp_path):
     for r in runs:
         assert r["quiet"]["n"] > 0 and r["burst"]["n"] >= 0
         assert 0 < r["quiet"]["p50_ms"] <= r["quiet"]["p99_ms"] <= r["quiet"]["max_ms"]
+        assert r["code"] == "this" and r["control"]["n"] >= 0  # a tiny burst may leave no chunk in it
+        assert r["added_over_control_p99_ms"] == pytest.approx(r["burst"]["p99_ms"] - r["control"]["p99_ms"])

@@ -133,7 +133,7 @@ def test_a_hit_reuses_the_history_and_encodes_only_the_rest(tmp_path: Path) -> N
     second, _ = tok.render_chat_request({"messages": turn2})
     calls.clear()
     assert encoder.encode_now(second, False) == tok.encode(second, False)
-    encoded = "".join(calls[0])
+    encoded = "".join(text for call in calls for text in call)
     assert "long question" not in encoded and encoded == second[second.index("<|im_start|>assistant"):]
 
 

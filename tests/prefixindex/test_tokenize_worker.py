@@ -4,6 +4,7 @@ arrives together, errors handled as inline, and an event loop that stays respons
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import threading
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from prefixindex import tokenize_worker
 from prefixindex.tokenize_worker import PromptEncoder, TokenizerWorker, encode_texts
 from prefixindex.tokenizer import HFTokenizer, WordTokenizer
 from router.policy import RouteRequest
@@ -267,3 +269,47 @@ ODD = ["w1", "_x", "٣", "²", "é", " ", "\u3000", "\x1c", "\u2028", "\t", ",",
 def test_the_word_tokenizers_split_fast_path_finds_the_words_the_regex_finds(text: str) -> None:
     word = WordTokenizer()
     assert word.encode(text) == [word._id(w) for w in re.findall(r"\w+|[^\w\s]+", text)]
+
+
+class ThreadRecorder:
+    """An HF tokenizer recording, per encode_batch call, the thread, its nice value and the batch size."""
+
+    def __init__(self, inner: HFTokenizer) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, int, int]] = []
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        self.calls.append((threading.current_thread().name, nice, len(texts)))
+        return self.inner.encode_batch(texts, add_special_tokens)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_batch_is_encoded_one_text_at_a_time_on_the_niced_worker_thread(
+    hf: HFTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(tokenize_worker.SERIAL_ENV, "true")  # restored after the test
+    gated = Gated(hf)
+    recorder = ThreadRecorder(gated)
+    worker = TokenizerWorker(recorder)
+    try:
+        first = asyncio.ensure_future(worker.encode("first", True))
+        await asyncio.get_running_loop().run_in_executor(None, gated.entered.wait, 10)
+        texts = [words(40, seed) for seed in range(3)]
+        rest = [asyncio.ensure_future(worker.encode(t, True)) for t in texts]
+        await asyncio.sleep(0)
+        gated.gate.set()
+        assert await first == hf.encode("first")
+        assert await asyncio.gather(*rest) == [hf.encode(t) for t in texts]
+        # the library's thread pool is off: its threads would not inherit the worker's priority
+        assert os.environ[tokenize_worker.SERIAL_ENV] == "false"
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert [size for _, _, size in recorder.calls] == [1, 1, 1, 1]
+        assert all(name != threading.current_thread().name for name, _, _ in recorder.calls)
+        niced = min(loop_nice + tokenize_worker.WORKER_NICE, 19)
+        assert all(nice == niced for _, nice, _ in recorder.calls)
+    finally:
+        gated.gate.set()
+        worker.close()
