@@ -8,8 +8,10 @@ of `--heads` x 64 wide and `--layers` deep, big enough that a cold prefill costs
 one), then for each router in turn: reset both pods' prefix caches, start the router (`kvgate serve
 --policy P` or the SGLang router, bench/loadgen/routers.py), warm it up, run the same shared-prefix
 closed loop (bench/workloads/shared_prefix, lengths in real tokens of the pod's tokenizer), stop it.
-Printed, and written to DIR/results.json: TTFT p50/p90, throughput and the pods' prefix hit rate (their
-vllm:prefix_cache_* counters) per router, ratios to `--baseline`, what the gateway's probes cost each
+`--repeats N` runs N rounds, each in rotated router order (a shared machine's load drifts: a single
+round compares two moments as much as two routers). Printed, and written to DIR/results.json: TTFT
+p50/p90, throughput and the pods' prefix hit rate (their vllm:prefix_cache_* counters) per router and
+round, the medians over the rounds and their ratios to `--baseline`, what the gateway's probes cost each
 pod (`kvgate_probes_total` per second of the run, by kind), and for `cache_aware` the TTFT model it
 learned per pod and the median |predicted - observed| / observed TTFT, bounded by the buckets of
 `kvgate_ttft_prediction_error_ratio` (whole run and its second half). The SGLang router's own probes
@@ -389,11 +391,15 @@ async def wait_sglang_workers(http: aiohttp.ClientSession, url: str, n: int, tim
 
 
 async def compare_routers(bench: Bench, names: Sequence[str], workload: Workload,
-                          scrape_interval: float | None) -> list[RouterRun]:
+                          scrape_interval: float | None, repeats: int = 1) -> list[RouterRun]:
+    """Every router once per round; round r starts at router r (rotated), so that on a shared machine
+    no router always runs first, or always right after a given one."""
     out = []
-    for name in names:
-        interval = None if name == SGLANG else scrape_interval
-        out.append(await bench.run(bench.spec(name, interval), workload, name, interval))
+    for r in range(repeats):
+        k = r % len(names)
+        for name in [*names[k:], *names[:k]]:
+            interval = None if name == SGLANG else scrape_interval
+            out.append(await bench.run(bench.spec(name, interval), workload, name, interval))
     return out
 
 
@@ -417,24 +423,39 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def ratios(runs: Sequence[RouterRun], baseline: str) -> dict[str, dict[str, float | None]]:
-    """Each router's TTFT p50/p90, output throughput and pod hit rate over `baseline`'s."""
-    by_name = {r.record.router: r.record for r in runs if r.record.summary}
-    base = by_name.get(baseline)
-    if base is None or base.summary is None:
-        return {}
-    out = {}
-    for name, rec in by_name.items():
-        if name == baseline or rec.summary is None:
-            continue
-        hit, base_hit = (rec.pods.hit_rate if rec.pods else None), (base.pods.hit_rate if base.pods else None)
-        out[f"{name}/{baseline}"] = {
-            "ttft_p50": _ratio(rec.summary.ttft.p50, base.summary.ttft.p50),
-            "ttft_p90": _ratio(rec.summary.ttft.p90, base.summary.ttft.p90),
-            "output_tps": _ratio(rec.summary.output_tps, base.summary.output_tps),
-            "hit_rate": _ratio(hit, base_hit),
-        }
+def _median(values: Sequence[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def router_medians(runs: Sequence[RouterRun]) -> dict[str, dict[str, float | None]]:
+    """Per router, the median over its rounds of TTFT p50/p90, output throughput and pod hit rate."""
+    by_name: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        if r.record.summary is not None:
+            by_name.setdefault(r.record.router, []).append(r.record)
+    out: dict[str, dict[str, float | None]] = {}
+    for name, recs in by_name.items():
+        sums = [rec.summary for rec in recs if rec.summary is not None]
+        out[name] = {
+            "rounds": float(len(recs)),
+            "ttft_p50": _median([s.ttft.p50 for s in sums]), "ttft_p90": _median([s.ttft.p90 for s in sums]),
+            "output_tps": _median([s.output_tps for s in sums]),
+            "hit_rate": _median([rec.pods.hit_rate if rec.pods else None for rec in recs]),
+        }  # fmt: skip
     return out
+
+
+def ratios(runs: Sequence[RouterRun], baseline: str) -> dict[str, dict[str, float | None]]:
+    """Each router's TTFT p50/p90, output throughput and pod hit rate (medians over the rounds) over
+    `baseline`'s."""
+    medians = router_medians(runs)
+    base = medians.get(baseline)
+    if base is None:
+        return {}
+    keys = ("ttft_p50", "ttft_p90", "output_tps", "hit_rate")
+    return {f"{name}/{baseline}": {k: _ratio(m[k], base[k]) for k in keys}
+            for name, m in medians.items() if name != baseline}
 
 
 def _num(v: float | None, fmt: str = ".2f") -> str:
@@ -478,20 +499,16 @@ def sweep_table(runs: Sequence[RouterRun]) -> dict[str, dict[str, float | None]]
         if r.record.summary is not None and r.scrape_interval is not None:
             by_interval.setdefault(r.scrape_interval, []).append(r)
 
-    def med(values: list[float | None]) -> float | None:
-        got = [v for v in values if v is not None]
-        return statistics.median(got) if got else None
-
     rows: dict[str, dict[str, float | None]] = {}
     for interval, rs in sorted(by_interval.items(), key=lambda kv: (kv[0] == 0, kv[0])):
         sums = [r.record.summary for r in rs if r.record.summary]
         probes = [next(iter(r.probes_per_s.values()), {}) if r.probes_per_s else {} for r in rs]
         rows[f"{interval:g}"] = {
             "rounds": len(rs),
-            "ttft_p50": med([s.ttft.p50 for s in sums]), "ttft_p90": med([s.ttft.p90 for s in sums]),
-            "output_tps": med([s.output_tps for s in sums]),
-            "metrics_per_s": med([p.get("metrics", 0.0) for p in probes]),
-            "health_per_s": med([p.get("health", 0.0) for p in probes]),
+            "ttft_p50": _median([s.ttft.p50 for s in sums]), "ttft_p90": _median([s.ttft.p90 for s in sums]),
+            "output_tps": _median([s.output_tps for s in sums]),
+            "metrics_per_s": _median([p.get("metrics", 0.0) for p in probes]),
+            "health_per_s": _median([p.get("health", 0.0) for p in probes]),
         }
     base = rows.get("0")
     for row in rows.values():
@@ -529,7 +546,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scrape-sweep", action="store_true",
                    help="measure scraping's cost on one pod instead of comparing routers")
     p.add_argument("--intervals", default="0.25,1,5,0", help="scrape sweep: --scrape-interval values")
-    p.add_argument("--repeats", type=int, default=1, help="scrape sweep: rounds over the intervals")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds over the routers (comparison) or the intervals (sweep), rotated; medians")
     p.add_argument("--sweep-policy", default="cache_aware", help="scrape sweep: the gateway's policy")
     p.add_argument("--scrape-interval", type=float,
                    help="comparison: the gateway's --scrape-interval (default: the gateway's)")
@@ -573,7 +591,7 @@ async def measure(args: argparse.Namespace, pods: list[Any], model_dir: Path, lo
                       args.sglang_python)
         if args.scrape_sweep:
             return await sweep_scrapes(bench, args.sweep_policy, workload, args.intervals, args.repeats)
-        return await compare_routers(bench, args.policies, workload, args.scrape_interval)
+        return await compare_routers(bench, args.policies, workload, args.scrape_interval, args.repeats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -611,7 +629,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_sweep(rows))
     else:
         table = ratios(runs, args.baseline)
+        payload["medians"] = router_medians(runs)
         payload["ratios"] = table
+        if args.repeats > 1:
+            print(f"medians over {args.repeats} rounds:")
         if table:
             print(format_ratios(table))
     if extras := format_extras(runs):
