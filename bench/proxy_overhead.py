@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import sys
 import time
@@ -34,7 +33,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from bench.loadgen.procs import ChildProcess
+from bench.loadgen.procs import ChildProcess, cpu_seconds
 from bench.loadgen.routers import SGLANG, RouterProcess, RouterSpec
 from bench.loadgen.runner import run_async
 from bench.loadgen.stats import percentile
@@ -44,7 +43,6 @@ READY = "PROXY_OVERHEAD_UPSTREAM_READY"
 PLAIN_BODY = b'{"model":"m","prompt":"Hello world","max_tokens":4,"stream":false}'
 STREAM_BODY = b'{"model":"m","prompt":"Hello world","max_tokens":4,"stream":true}'
 JSON_HEADERS = {"Content-Type": "application/json"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 CHUNK = b'data: {"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":" tok"}]}\n\n'
 ANSWER = orjson.dumps(
@@ -105,13 +103,6 @@ async def serve_upstream(port: int) -> None:
 
 
 # ---- the measurement ----
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (Linux)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 BODIES: dict[bool, list[bytes]] = {False: [PLAIN_BODY], True: [STREAM_BODY]}

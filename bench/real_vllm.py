@@ -51,7 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.loadgen import podmetrics
 from bench.loadgen.harness import reset_prefix_caches, starvation_note, warmup_workload
-from bench.loadgen.procs import ProcessError
+from bench.loadgen.procs import ProcessError, cpu_seconds
 from bench.loadgen.routers import SGLANG, RouterProcess, RouterSpec, sglang_available
 from bench.loadgen.runner import run_async, run_workload
 from bench.loadgen.stats import summarize
@@ -273,11 +273,13 @@ class RouterRun:
     models: dict[str, PodModel] = field(default_factory=dict)
     error_all: ErrorSummary | None = None
     error_second_half: ErrorSummary | None = None
+    router_cpu_us: float | None = None  # the router process's CPU time per request of the measured run
 
     def to_json(self) -> dict[str, Any]:
         half = self.error_second_half
         return {
             **self.record.to_json(), "scrape_interval": self.scrape_interval,
+            "router_cpu_us_per_request": self.router_cpu_us,
             "probes_per_s": self.probes_per_s,
             "ttft_model": {url: asdict(m) for url, m in self.models.items()},
             "prediction_error": self.error_all.to_json() if self.error_all else None,
@@ -336,6 +338,8 @@ class Bench:
                                request_timeout_s=60.0)
             g0 = await gateway_snapshot(self.http, url) if gateway else None
             p0 = await podmetrics.scrape(self.http, self.urls)
+            pid = router.process.proc.pid if router.process.proc is not None else None
+            cpu0 = cpu_seconds(pid) if pid is not None else None
             half: list[asyncio.Task[GatewaySnapshot]] = []
             bar = ProgressBar(workload.num_requests, label, self.stream)
 
@@ -347,6 +351,8 @@ class Bench:
             outcome = await run_workload(url, MODEL, workload, ClosedLoop(self.users),
                                          progress=lambda r: progress(r.ok), request_timeout_s=300.0)
             bar.close()
+            if pid is not None and cpu0 is not None:
+                run.router_cpu_us = 1e6 * (cpu_seconds(pid) - cpu0) / max(workload.num_requests, 1)
             p1 = await podmetrics.scrape(self.http, self.urls)
             if gateway:
                 g1 = await gateway_snapshot(self.http, url)
@@ -430,18 +436,20 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 def router_medians(runs: Sequence[RouterRun]) -> dict[str, dict[str, float | None]]:
     """Per router, the median over its rounds of TTFT p50/p90, output throughput and pod hit rate."""
-    by_name: dict[str, list[RunRecord]] = {}
+    by_name: dict[str, list[RouterRun]] = {}
     for r in runs:
         if r.record.summary is not None:
-            by_name.setdefault(r.record.router, []).append(r.record)
+            by_name.setdefault(r.record.router, []).append(r)
     out: dict[str, dict[str, float | None]] = {}
-    for name, recs in by_name.items():
+    for name, rs in by_name.items():
+        recs = [r.record for r in rs]
         sums = [rec.summary for rec in recs if rec.summary is not None]
         out[name] = {
             "rounds": float(len(recs)),
             "ttft_p50": _median([s.ttft.p50 for s in sums]), "ttft_p90": _median([s.ttft.p90 for s in sums]),
             "output_tps": _median([s.output_tps for s in sums]),
             "hit_rate": _median([rec.pods.hit_rate if rec.pods else None for rec in recs]),
+            "router_cpu_us": _median([r.router_cpu_us for r in rs]),
         }  # fmt: skip
     return out
 
@@ -453,7 +461,7 @@ def ratios(runs: Sequence[RouterRun], baseline: str) -> dict[str, dict[str, floa
     base = medians.get(baseline)
     if base is None:
         return {}
-    keys = ("ttft_p50", "ttft_p90", "output_tps", "hit_rate")
+    keys = ("ttft_p50", "ttft_p90", "output_tps", "hit_rate", "router_cpu_us")
     return {f"{name}/{baseline}": {k: _ratio(m[k], base[k]) for k in keys}
             for name, m in medians.items() if name != baseline}
 
@@ -466,9 +474,11 @@ def format_extras(runs: Sequence[RouterRun]) -> str:
     """Probe cost per pod, learned TTFT models and prediction errors of the kvgate runs."""
     lines = []
     for run in runs:
+        name = run.record.router
+        if run.router_cpu_us is not None:
+            lines.append(f"{name}: router CPU {run.router_cpu_us:.0f} us/request (its process, measured run)")
         if run.probes_per_s is None:
             continue
-        name = run.record.router
         for url, kinds in sorted(run.probes_per_s.items()):
             shown = ", ".join(f"/{k} {kinds.get(k, 0.0):.2f}/s" for k in PROBE_KINDS)
             lines.append(f"{name}: probes to {url}: {shown}")

@@ -130,6 +130,7 @@ async def send(
         result.cached_tokens = int(cached) if cached is not None else None
     else:
         result.output_tokens = chunks
-    if result.error is None and result.ttft is None:
+    if result.error is None and result.ttft is None and not (usage and result.output_tokens > 0):
+        # tokens that detokenize to nothing (a random-weight model's) are an answer, not a TTFT sample
         result.error = "stream ended without any generated text"
     return result

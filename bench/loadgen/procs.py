@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 import aiohttp
 import orjson
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
 
 class ProcessError(RuntimeError):
     """A child process exited or did not become ready in time."""
@@ -28,6 +30,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 class ChildProcess:

@@ -20,6 +20,8 @@ class FakeServer:
     delay_s: float = 0.0  # before the first token
     concurrent: int = 0
     max_concurrent: int = 0
+    text: str = " w{i}"  # each token's text ("" for tokens that detokenize to nothing)
+    usage: bool = True  # the closing usage chunk
 
 
 async def _handler(request: web.Request) -> web.StreamResponse:
@@ -42,12 +44,14 @@ async def _handler(request: web.Request) -> web.StreamResponse:
             await resp.write(b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n')
         await asyncio.sleep(server.delay_s)
         for i in range(body["max_tokens"]):
-            choice = {"index": 0, "delta": {"content": f" w{i}"}} if chat else {"index": 0, "text": f" w{i}"}
+            piece = server.text.format(i=i)
+            choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
             await resp.write(b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n")
             await asyncio.sleep(0.001)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": body["max_tokens"],
                  "prompt_tokens_details": {"cached_tokens": 16}}
-        await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
+        if server.usage:
+            await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         return resp
     finally:

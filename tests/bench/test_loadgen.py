@@ -42,6 +42,17 @@ async def test_chat_ttft_waits_for_text_not_the_role_chunk(fake_server):
     assert r.ok and r.ttft >= 0.05 and r.output_tokens == 2
 
 
+async def test_tokens_without_text_are_an_answer_without_a_ttft_sample_and_no_tokens_an_error(fake_server):
+    fake_server.text = ""  # a random-weight model's tokens can detokenize to nothing
+    out = await run_workload(fake_server.url, "m", shared_prefix(SPEC).head(1), ClosedLoop(1))
+    (r,) = out.results
+    assert r.ok and r.ttft is None and r.output_tokens == 4
+    fake_server.usage = False  # nothing says a token was generated
+    out = await run_workload(fake_server.url, "m", shared_prefix(SPEC).head(1), ClosedLoop(1))
+    (r,) = out.results
+    assert not r.ok and r.error == "stream ended without any generated text"
+
+
 async def test_closed_loop_keeps_exactly_n_users_busy(fake_server):
     fake_server.delay_s = 0.02
     out = await run_workload(fake_server.url, "m", shared_prefix(SPEC), ClosedLoop(3))
